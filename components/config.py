@@ -1,0 +1,262 @@
+"""The config contract: dataclass schemas and the one place where values are validated.
+
+Hydra composes `conf/` on top of these schemas (see pipelines/config.py), so a typo or a
+wrong type fails at composition. Steps receive the resolved config as a plain dict and
+call `parse_config`, which applies the same schema and `validate`, so a step run alone
+(`python -m components.train ...`) is held to the same contract. No Hydra here.
+"""
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from components.errors import ConfigError
+
+DATA_NAMES = ("digits", "synthetic", "file")
+DATA_FORMATS = ("csv", "parquet", "npz")
+TASKS = ("classification", "regression")
+MODEL_NAMES = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCALINGS = ("none", "linear", "sqrt")
+SCHEDULES = ("constant", "cosine")
+MODES = ("max", "min")
+TRACKING_MODES = ("offline", "online", "disabled")
+PLATFORMS = ("local",)
+DEVICES = ("auto", "cpu", "cuda")
+# What the evaluation computes, per task; `eval.monitor` must name one of these.
+VAL_METRICS = {
+    "classification": ("val/loss", "val/accuracy", "val/macro_f1"),
+    "regression": ("val/loss", "val/mse", "val/mae", "val/r2"),
+}
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: Optional[str] = None
+    format: Optional[str] = None  # inferred from the path's suffix when null
+    target: str = "target"
+    task: str = "classification"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    # synthetic only
+    n_samples: int = 2000
+    n_features: int = 20
+    n_classes: int = 4
+    noise: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden_sizes: List[int] = field(default_factory=lambda: [128, 64])
+    channels: List[int] = field(default_factory=lambda: [16, 32])
+    dropout: float = 0.0
+    # "package.module:function" called as function(input_shape=..., output_dim=..., **kwargs);
+    # when set it replaces `name`.
+    factory: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # effective (global) batch: micro x accumulation x world size
+    micro_batch_size: int = 32
+    max_epochs: int = 30
+    max_steps: Optional[int] = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9  # sgd only
+    lr: float = 0.05
+    base_batch_size: int = 32  # the batch at which `lr` was tuned
+    lr_scaling: str = "linear"
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every_steps: Optional[int] = 200
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    every_steps: Optional[int] = None  # null: once per epoch
+    monitor: str = "val/accuracy"
+    mode: str = "max"
+    patience: int = 5  # in evaluations
+    min_delta: float = 0.0
+    target: Optional[float] = None
+    divergence_threshold: Optional[float] = None
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"
+    project: str = "convergence-pipeline"
+    group: Optional[str] = None
+    # wandb.log costs ~0.5 ms a call here, as much as a small model's optimizer step,
+    # so train rows go to W&B every N steps; metrics.jsonl keeps every step.
+    log_every_steps: int = 25
+
+
+@dataclass
+class PlatformConfig:
+    name: str = "local"
+    image: str = "convergence-pipeline:latest"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    output_dir: str = "runs"
+    run_id: Optional[str] = None
+
+    @property
+    def world_size(self) -> int:
+        return 1  # multi-process training arrives with the distributed issue
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.train.batch_size // (self.train.micro_batch_size * self.world_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
+    """One line naming the key, from OmegaConf's multi-line message."""
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(getattr(exc, "msg", None) or exc).splitlines()[0].strip()
+    if "not in struct" in msg or "Missing key" in msg or "not in '" in msg:
+        parent, _, leaf = key.rpartition(".")
+        return f"{key}: unknown key{_suggest(leaf, parent)}"
+    return f"{key}: {msg}" if key else msg
+
+
+def _suggest(leaf: str, parent: str) -> str:
+    node: Any = Config()
+    for part in filter(None, parent.split(".")):
+        node = getattr(node, part, None)
+    if node is None or not hasattr(node, "__dataclass_fields__"):
+        return ""
+    close = difflib.get_close_matches(leaf, list(node.__dataclass_fields__), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_config(raw: dict) -> Config:
+    """Plain dict -> typed, validated Config. Raises ConfigError with one line naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(describe_omegaconf_error(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Ranges and cross-field rules. Every message starts with the key it is about."""
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    _one_of(d.name, DATA_NAMES, "data.name")
+    _one_of(d.task, TASKS, "data.task")
+    if d.format is not None:
+        _one_of(d.format, DATA_FORMATS, "data.format")
+    if d.name == "file":
+        _check(bool(d.path), "data.path", "required when data.name=file")
+    if d.name == "digits":
+        _check(d.task == "classification", "data.task", "digits is a classification dataset")
+    for key, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
+        _check(0 < frac < 1, key, f"must be in (0, 1); got {frac}")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction",
+           f"val_fraction + test_fraction must leave a training split; got {d.val_fraction + d.test_fraction:g}")
+    _check(d.n_samples > 0, "data.n_samples", f"must be > 0; got {d.n_samples}")
+    _check(d.n_features > 0, "data.n_features", f"must be > 0; got {d.n_features}")
+    _check(d.n_classes >= 2, "data.n_classes", f"must be >= 2; got {d.n_classes}")
+    _check(d.noise >= 0, "data.noise", f"must be >= 0; got {d.noise}")
+
+    if m.factory is None:
+        _one_of(m.name, MODEL_NAMES, "model.name")
+    else:
+        module, _, func = m.factory.partition(":")
+        _check(bool(module and func), "model.factory", f"must look like 'package.module:function'; got {m.factory!r}")
+    _check(all(h > 0 for h in m.hidden_sizes), "model.hidden_sizes", f"sizes must be > 0; got {m.hidden_sizes}")
+    _check(all(c > 0 for c in m.channels), "model.channels", f"sizes must be > 0; got {m.channels}")
+    _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1); got {m.dropout}")
+
+    for key in ("batch_size", "micro_batch_size", "max_epochs", "base_batch_size"):
+        value = getattr(t, key)
+        _check(value > 0, f"train.{key}", f"must be > 0; got {value}")
+    _check(t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
+           f"micro-batch {t.micro_batch_size} is larger than the effective batch {t.batch_size}")
+    per_update = t.micro_batch_size * cfg.world_size
+    _check(t.batch_size % per_update == 0, "train.batch_size",
+           f"effective batch {t.batch_size} is not divisible by micro-batch x world size = {per_update}")
+    _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 or null; got {t.max_steps}")
+    _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
+    _one_of(t.lr_scaling, LR_SCALINGS, "train.lr_scaling")
+    _one_of(t.schedule, SCHEDULES, "train.schedule")
+    _one_of(t.device, DEVICES, "train.device")
+    _check(t.lr > 0, "train.lr", f"must be > 0; got {t.lr}")
+    _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1); got {t.momentum}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0; got {t.warmup_steps}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0; got {t.weight_decay}")
+    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
+           f"must be > 0 or null; got {t.checkpoint_every_steps}")
+
+    _check(e.every_steps is None or e.every_steps > 0, "eval.every_steps", f"must be > 0 or null; got {e.every_steps}")
+    _one_of(e.monitor, VAL_METRICS[d.task], "eval.monitor")
+    _one_of(e.mode, MODES, "eval.mode")
+    _check(e.patience > 0, "eval.patience", f"must be > 0; got {e.patience}")
+    _check(e.min_delta >= 0, "eval.min_delta", f"must be >= 0; got {e.min_delta}")
+
+    _one_of(cfg.tracking.mode, TRACKING_MODES, "tracking.mode")
+    _check(cfg.tracking.log_every_steps > 0, "tracking.log_every_steps",
+           f"must be > 0; got {cfg.tracking.log_every_steps}")
+    _one_of(cfg.platform.name, PLATFORMS, "platform.name")
+    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    if cfg.run_id is not None:
+        _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
+               f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
+
+
+# Keys that change where or how a run is recorded, not what it computes.
+_NOT_HASHED = ("run_id", "output_dir", "tracking", "platform")
+
+
+def config_hash(cfg: Config) -> str:
+    """Identity of what a run computes: same hash, same training (on the same data)."""
+    content = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config_file(path: str) -> dict:
+    """A resolved config saved as YAML or JSON (JSON is YAML)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} does not hold a mapping")
+    return raw

@@ -1,0 +1,268 @@
+"""Datasets: where examples come from, how they are split, and the dataset artifact on disk.
+
+The artifact is a directory holding `arrays.npz` (normalized features and encoded targets
+per split) and `manifest.json` (schema, counts, class balance, normalization statistics and
+`data_version`, a hash of the content). Every later step reads only this artifact.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from components import storage
+from components.config import DATA_FORMATS, DataConfig
+from components.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Source:
+    """Raw examples before splitting. `y` holds class labels (any type) or float targets."""
+
+    x: np.ndarray  # (n, *input_shape), float
+    y: np.ndarray  # (n,)
+    origin: str
+    feature_names: Optional[List[str]] = None
+
+
+@dataclass
+class Dataset:
+    """The dataset artifact in memory."""
+
+    arrays: dict  # x_train, y_train, x_val, y_val, x_test, y_test
+    manifest: dict
+
+    def split(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        return self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return tuple(self.manifest["input_shape"])
+
+    @property
+    def output_dim(self) -> int:
+        return self.manifest["n_classes"] if self.task == "classification" else 1
+
+    @property
+    def data_version(self) -> str:
+        return self.manifest["data_version"]
+
+
+# ---------------------------------------------------------------- sources
+
+def load_source(cfg: DataConfig) -> Source:
+    if cfg.name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()  # ships inside scikit-learn: no download
+        return Source(digits.images[:, None, :, :].astype(np.float32), digits.target, "sklearn.datasets.load_digits")
+    if cfg.name == "synthetic":
+        return synthetic(cfg)
+    return load_file(cfg)
+
+
+def synthetic(cfg: DataConfig) -> Source:
+    """Seeded Gaussian classes around random centres (classification), or a noisy
+    nonlinear function of the features (regression). `noise` sets the overlap."""
+    rng = np.random.default_rng(cfg.seed)
+    n, f = cfg.n_samples, cfg.n_features
+    if cfg.task == "classification":
+        centers = rng.normal(size=(cfg.n_classes, f)) * 2.5 / np.sqrt(f)  # ~3.5 apart at noise 1
+        y = rng.integers(0, cfg.n_classes, size=n)
+        x = centers[y] + cfg.noise * rng.normal(size=(n, f))
+    else:
+        x = rng.normal(size=(n, f))
+        w1, w2 = rng.normal(size=f) / np.sqrt(f), rng.normal(size=f) / np.sqrt(f)
+        y = x @ w1 + np.tanh(x @ w2) + cfg.noise * 0.1 * rng.normal(size=n)
+    name = f"synthetic(task={cfg.task}, n={n}, features={f}, seed={cfg.seed})"
+    return Source(x.astype(np.float32), y, name)
+
+
+def infer_format(cfg: DataConfig) -> str:
+    if cfg.format:
+        return cfg.format
+    suffix = Path(cfg.path).suffix.lower().lstrip(".")
+    fmt = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "npz": "npz"}.get(suffix)
+    if fmt is None:
+        raise DataError(f"data.path: cannot infer the format of {cfg.path!r} from its suffix; "
+                        f"set data.format to one of {', '.join(DATA_FORMATS)}")
+    return fmt
+
+
+def load_file(cfg: DataConfig) -> Source:
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"data.path: no such file: {cfg.path}")
+    fmt = infer_format(cfg)
+    if fmt == "npz":
+        return _load_npz(path, cfg.target)
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+    except Exception as exc:  # parser errors differ by engine; name the file and the cause
+        raise DataError(f"data.path: cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from None
+    if cfg.target not in frame.columns:
+        raise DataError(f"data.target: column {cfg.target!r} not in {path.name} "
+                        f"(columns: {', '.join(map(str, frame.columns[:20]))})")
+    features = frame.drop(columns=[cfg.target])
+    if features.shape[1] == 0:
+        raise DataError(f"data.path: {path.name} has no feature columns besides the target")
+    non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])
+                   or pd.api.types.is_bool_dtype(features[c])]
+    if non_numeric:
+        raise DataError(f"data.path: non-numeric feature columns in {path.name}: {', '.join(non_numeric[:10])} "
+                        "(encode them as numbers first)")
+    y = frame[cfg.target].to_numpy()
+    if cfg.task == "classification" and pd.isna(frame[cfg.target]).any():
+        raise DataError(f"data.target: column {cfg.target!r} has {int(pd.isna(frame[cfg.target]).sum())} missing labels")
+    return Source(features.to_numpy(dtype=np.float32), y, str(path), [str(c) for c in features.columns])
+
+
+def _load_npz(path: Path, target: str) -> Source:
+    with np.load(path, allow_pickle=False) as npz:
+        keys = list(npz.keys())
+        if "X" not in npz or target not in npz:
+            raise DataError(f"data.path: {path.name} must hold arrays 'X' and {target!r} (data.target); "
+                            f"found: {', '.join(keys)}")
+        try:
+            x, y = npz["X"], npz[target]
+        except ValueError:  # object arrays would need pickle, which can run code: refuse
+            raise DataError(f"data.path: {path.name} holds object arrays; save numeric X and a numeric "
+                            "or string target") from None
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_):
+        raise DataError(f"data.path: array 'X' in {path.name} is not numeric (dtype {x.dtype})")
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"data.path: {path.name} needs X of shape (n, ...) and {target!r} of shape (n,); "
+                        f"got {x.shape} and {y.shape}")
+    return Source(x.astype(np.float32), y, str(path))
+
+
+# ---------------------------------------------------------------- checks, split, normalize
+
+def check_finite(source: Source, task: str) -> None:
+    x = source.x.reshape(len(source.x), -1)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        cols = np.flatnonzero(bad.any(axis=0))
+        names = [source.feature_names[c] if source.feature_names else f"#{c}" for c in cols[:5]]
+        raise DataError(f"data: {int(bad.sum())} NaN/inf feature values in {source.origin} "
+                        f"(features {', '.join(names)}); clean or impute them first")
+    if task == "regression":
+        try:
+            y = source.y.astype(np.float64)
+        except (TypeError, ValueError):
+            raise DataError(f"data.target: regression targets in {source.origin} are not numeric") from None
+        if not np.isfinite(y).all():
+            raise DataError(f"data.target: {int((~np.isfinite(y)).sum())} NaN/inf targets in {source.origin}")
+
+
+def split_indices(y: np.ndarray, task: str, val_fraction: float, test_fraction: float,
+                  seed: int, class_names=None) -> dict:
+    """Deterministic split by seed; stratified by class for classification, so every split
+    has each class in proportion (at least one example per class per split)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if task == "classification" else [np.arange(len(y))]
+    parts = {name: [] for name in SPLITS}
+    for group in groups:
+        group = rng.permutation(group)
+        n = len(group)
+        n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+        if task == "classification":
+            n_val, n_test = max(1, n_val), max(1, n_test)
+            if n - n_val - n_test < 1:
+                label = y[group[0]] if class_names is None else class_names[y[group[0]]]
+                raise DataError(f"data: class {_jsonable(label)!r} has {n} example(s); a stratified "
+                                f"train/val/test split needs at least 3")
+        parts["val"].append(group[:n_val])
+        parts["test"].append(group[n_val:n_val + n_test])
+        parts["train"].append(group[n_val + n_test:])
+    out = {name: np.sort(np.concatenate(idx)) for name, idx in parts.items()}
+    for name, idx in out.items():
+        if len(idx) == 0:
+            raise DataError(f"data: the {name} split is empty ({len(y)} examples, "
+                            f"val_fraction={val_fraction}, test_fraction={test_fraction}); use more data")
+    return out
+
+
+def build(cfg: DataConfig) -> Dataset:
+    """Load, check, split and normalize (statistics from the train split only)."""
+    source = load_source(cfg)
+    if len(source.x) == 0:
+        raise DataError(f"data: {source.origin} has no rows")
+    check_finite(source, cfg.task)
+    if cfg.task == "classification":
+        classes, y = np.unique(source.y, return_inverse=True)
+        if len(classes) < 2:
+            raise DataError(f"data.target: classification needs at least 2 classes; {source.origin} has {len(classes)}")
+        y = y.astype(np.int64)
+    else:
+        classes, y = None, source.y.astype(np.float32)
+    idx = split_indices(y, cfg.task, cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
+
+    flat = source.x.reshape(len(source.x), -1)
+    mean = flat[idx["train"]].mean(axis=0)
+    std = flat[idx["train"]].std(axis=0)
+    std[std < 1e-8] = 1.0  # constant features (e.g. digits' border pixels) stay at zero
+    x = ((flat - mean) / std).astype(np.float32).reshape(source.x.shape)
+
+    arrays = {}
+    for name in SPLITS:
+        arrays[f"x_{name}"] = np.ascontiguousarray(x[idx[name]])
+        arrays[f"y_{name}"] = y[idx[name]]
+    manifest = {
+        "name": cfg.name,
+        "origin": source.origin,
+        "task": cfg.task,
+        "target": cfg.target,
+        "input_shape": list(source.x.shape[1:]),
+        "feature_names": source.feature_names,
+        "n_classes": int(len(classes)) if classes is not None else None,
+        "classes": [_jsonable(c) for c in classes] if classes is not None else None,
+        "counts": {name: int(len(idx[name])) for name in SPLITS},
+        "class_balance": ({name: np.bincount(y[idx[name]], minlength=len(classes)).tolist() for name in SPLITS}
+                          if classes is not None else None),
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "split": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed},
+    }
+    manifest["data_version"] = content_hash(arrays, manifest)
+    return Dataset(arrays, manifest)
+
+
+def _jsonable(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def content_hash(arrays: dict, manifest: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(str(arrays[key].dtype).encode())
+        h.update(str(arrays[key].shape).encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    h.update(json.dumps({k: v for k, v in manifest.items() if k != "data_version"}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the artifact on disk
+
+def save(dataset: Dataset, path: Path) -> None:
+    with storage.atomic_dir(path) as tmp:
+        np.savez(tmp / "arrays.npz", **dataset.arrays)
+        storage.write_json(tmp / "manifest.json", dataset.manifest)
+
+
+def load(path: Path) -> Dataset:
+    path = Path(path)
+    with np.load(path / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.keys()}
+    return Dataset(arrays, storage.read_json(path / "manifest.json"))

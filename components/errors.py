@@ -1,0 +1,43 @@
+"""Errors caused by the user's input: shown as one line, never as a traceback."""
+
+import functools
+import sys
+from contextlib import contextmanager
+
+
+class UserInputError(Exception):
+    """Bad config or bad data. The message is the whole story: one line, naming the culprit."""
+
+
+class ConfigError(UserInputError):
+    pass
+
+
+class DataError(UserInputError):
+    pass
+
+
+# Printed by a failing step so that whoever ran it (a shell, kfp's local runner, a pod log)
+# can pick the one-line reason out of the log.
+ERROR_MARKER = "convergence-pipeline error:"
+
+
+@contextmanager
+def user_errors_as_one_line():
+    """Inside a step: a user error prints one marked line and exits 2 (no traceback)."""
+    try:
+        yield
+    except UserInputError as exc:
+        print(f"{ERROR_MARKER} {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def exit_on_user_error(main):
+    """Decorator for `python -m components.<step>` entry points."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        with user_errors_as_one_line():
+            return main(*args, **kwargs)
+
+    return wrapper

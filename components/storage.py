@@ -1,0 +1,112 @@
+"""Every file a run writes goes through here, so `s3://` outputs can be added in one place.
+
+Writes are atomic (temp file + rename): a crash never leaves a half-written checkpoint,
+summary or dataset behind.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from components.errors import ConfigError
+
+
+def local_path(uri: str) -> Path:
+    """The local path for an output location; remote schemes are not wired up yet."""
+    scheme, sep, _ = str(uri).partition("://")
+    if sep and scheme != "file":
+        raise ConfigError(f"output_dir: {scheme}:// outputs are not supported yet; use a local path")
+    return Path(str(uri)[len("file://"):] if sep else uri)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Build a directory under a temp name; it appears at `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    import torch
+
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_torch(path: Path) -> Any:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class JsonlWriter:
+    """Append-only rows (metrics.jsonl). `offset()` and `truncate()` let a resumed run drop
+    the rows written after its last checkpoint, so no row is ever duplicated."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def offset(self) -> int:
+        self._f.flush()
+        return self._f.tell()
+
+    def truncate(self, offset: int) -> None:
+        self._f.flush()
+        self._f.truncate(offset)
+        self._f.seek(offset)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: Path) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

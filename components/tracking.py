@@ -1,0 +1,64 @@
+"""W&B tracking. The run directory's own files (metrics.jsonl, summary.json) are the source of
+truth; W&B is a view of them across runs. Offline by default, so nothing needs an account."""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from components.config import TrackingConfig
+from components.errors import ConfigError
+
+X_AXES = ("samples_seen", "wall_time_s")
+
+
+def effective_mode(cfg: TrackingConfig) -> str:
+    # WANDB_MODE=disabled in the environment switches tracking off everywhere (tests, CI).
+    if os.environ.get("WANDB_MODE") == "disabled":
+        return "disabled"
+    if cfg.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("tracking.mode: online needs WANDB_API_KEY in the environment; "
+                          "use tracking.mode=offline and `wandb sync` later")
+    return cfg.mode
+
+
+class Tracker:
+    """One W&B run of one pipeline step (job_type train, evaluate, ...) of one pipeline run."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_id: str, job_type: str, config: dict,
+                 group: Optional[str] = None):
+        self.mode = effective_mode(cfg)
+        self.log_every = cfg.log_every_steps
+        self.run = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        self.run = wandb.init(
+            mode=self.mode, project=cfg.project, group=group or cfg.group or run_id, job_type=job_type,
+            id=f"{run_id}-{job_type}", name=f"{run_id}-{job_type}", resume="allow",
+            dir=str(run_dir), config=config, settings=wandb.Settings(silent=True, console="off"),
+        )
+        for axis in X_AXES:
+            self.run.define_metric(axis)
+        self.run.define_metric("*", step_metric="samples_seen")
+
+    def log_train(self, row: dict) -> None:
+        if self.run is not None and row["step"] % self.log_every == 0:
+            self.run.log(row)
+
+    def log(self, row: dict) -> None:
+        if self.run is not None:
+            self.run.log(row)
+
+    def summarize(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    @property
+    def offline_dir(self) -> Optional[str]:
+        return self.run.dir.rsplit("/files", 1)[0] if self.run is not None and self.mode == "offline" else None
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None

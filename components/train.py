@@ -1,0 +1,77 @@
+"""Step 2: train. Trains the model on the dataset artifact with gradient accumulation and
+early stopping (components/training.py), writes the best weights, metrics.jsonl and
+checkpoints. Re-running with the same run directory resumes from the last checkpoint.
+
+    python -m components.train --config config.yaml --dataset dataset/ --model-out model.pt --run-dir runs/r1
+"""
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from components import datasets, models, storage, training
+from components.config import config_hash, load_config_file, parse_config
+from components.errors import exit_on_user_error
+from components.tracking import Tracker
+
+MODEL_FILE = "model.pt"  # in the run directory: the best weights with their metadata
+
+
+def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress: Optional[bool] = None,
+        on_step=None) -> dict:
+    cfg = parse_config(config)
+    run_dir = storage.local_path(run_dir)
+    data = datasets.load(Path(dataset_path))
+    plan = training.Plan.make(cfg, data.manifest["counts"]["train"])
+    storage.write_json(run_dir / "summary.json", {
+        "run_id": cfg.run_id, "status": "running", "planned_steps": plan.max_steps,
+        "steps_per_epoch": plan.steps_per_epoch, "data_version": data.data_version})
+
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_model(cfg.model, data.input_shape, data.output_dim)
+    tracker = Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "train",
+                      {**config, "data_version": data.data_version, "config_hash": config_hash(cfg)})
+    try:
+        result = training.fit(model, data, cfg, run_dir, tracker, progress=progress, on_step=on_step)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    outcome = {**result.to_dict(), "data_version": data.data_version, "config_hash": config_hash(cfg),
+               "wandb_dir": tracker.offline_dir}
+    tracker.summarize({k: v for k, v in outcome.items() if k != "best_metric"} | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
+    tracker.finish()
+
+    checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": config,
+                  "data_version": data.data_version, "config_hash": config_hash(cfg),
+                  "input_shape": list(data.input_shape), "output_dim": data.output_dim,
+                  "best_metric": result.best_metric}
+    storage.save_torch(checkpoint, run_dir / MODEL_FILE)
+    storage.save_torch(checkpoint, Path(model_out))
+    return outcome
+
+
+def load_model(path: Path):
+    """The trained model and its checkpoint metadata, from a model file written by `run`."""
+    checkpoint = storage.load_torch(path)
+    cfg = parse_config(checkpoint["config"])
+    model = models.build_model(cfg.model, tuple(checkpoint["input_shape"]), checkpoint["output_dim"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model, checkpoint
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="resolved config (YAML or JSON)")
+    parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
+    parser.add_argument("--model-out", required=True, help="where to write the best model")
+    parser.add_argument("--run-dir", required=True, help="run directory: metrics, checkpoints, summary")
+    args = parser.parse_args(argv)
+    outcome = run(load_config_file(args.config), args.dataset, args.model_out, args.run_dir)
+    storage.write_json(Path(args.run_dir) / "train_result.json", outcome)
+
+
+if __name__ == "__main__":
+    main()

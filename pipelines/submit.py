@@ -1,0 +1,142 @@
+"""The entry point: compose the config, compile the pipeline, run it.
+
+    python -m pipelines.submit                                  # defaults: MLP on digits, locally
+    python -m pipelines.submit train.batch_size=256 train.micro_batch_size=64 eval.target=0.95
+    python -m pipelines.submit data=file data.path=my.csv data.target=label
+    python -m pipelines.submit run_id=my-run                    # run again to resume it
+    python -m pipelines.submit --compile-only                   # just write the pipeline YAML
+
+Overrides are Hydra's (key=value, group=option, +key=value). Outputs go to
+<output_dir>/<run_id>/: config.yaml, pipeline.yaml, pipeline.log, metrics.jsonl, model.pt,
+summary.json, checkpoints/, wandb/ and kfp/ (the task artifacts).
+"""
+
+import argparse
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from components import storage
+from components.config import config_hash, parse_config
+from components.errors import ConfigError, DataError, UserInputError
+from pipelines import graph
+from pipelines.config import compose_config
+from pipelines.local import LOG_FILE, PipelineFailed, run_locally
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def prepare(overrides) -> tuple:
+    """Config -> (resolved config dict, run directory). Local paths become absolute because
+    the steps run in other processes (and, on a cluster, other machines)."""
+    config = compose_config(overrides)
+    config["run_id"] = config["run_id"] or new_run_id()
+    config["output_dir"] = str(storage.local_path(config["output_dir"]).resolve())
+    if config["data"]["path"] and "://" not in config["data"]["path"]:
+        config["data"]["path"] = str(Path(config["data"]["path"]).resolve())
+        if not Path(config["data"]["path"]).is_file():  # fail before a run directory exists
+            raise DataError(f"data.path: no such file: {config['data']['path']}")
+    run_dir = Path(config["output_dir"]) / config["run_id"]
+
+    saved = run_dir / "config.yaml"
+    if saved.exists():  # same run id: resume, but only the same computation
+        before = config_hash(parse_config(yaml.safe_load(saved.read_text())))
+        if before != config_hash(parse_config(config)):
+            raise ConfigError(f"run_id: {config['run_id']} already exists in {run_dir.parent} with a different "
+                              "config; choose another run_id to start a new run")
+    return config, run_dir
+
+
+def compile_pipeline(config: dict, package_path: Path):
+    from kfp import compiler
+
+    pipeline = graph.train_pipeline(config["platform"]["image"])
+    package_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline, str(package_path))
+    return pipeline
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(value, digits=4):
+        if value is None:
+            return "-"
+        return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+    best, test = summary["best_metric"], summary["test"]
+    rows = [
+        ("effective batch", f"{summary['effective_batch_size']} = {summary['micro_batch_size']} micro x "
+                            f"{summary['accumulation_steps']} accumulation x {summary['world_size']} process"),
+        ("learning rate", f"{fmt(summary['lr'])} ({summary['optimizer']})"),
+        ("optimizer steps", fmt(summary["optimizer_steps"])),
+        ("epochs", fmt(summary["epochs"], 3)),
+        ("samples seen", fmt(summary["samples_seen"])),
+        ("wall time (train)", f"{summary['wall_time_s']:.2f} s"),
+        ("best validation", f"{best['name']} = {fmt(best['value'])} at step {best['step']}"),
+        ("test", ", ".join(f"{k} {fmt(v)}" for k, v in test.items() if isinstance(v, (int, float)))),
+        ("to target", "-" if summary["steps_to_target"] is None else
+         f"{summary['target']} in {summary['steps_to_target']} steps, {summary['samples_to_target']} samples, "
+         f"{summary['time_to_target_s']:.2f} s"),
+        ("stop reason", summary["stop_reason"]),
+        ("data version", summary["data_version"]),
+    ]
+    if summary.get("resumed_from_step") is not None:
+        rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+    if summary.get("wandb_dir"):
+        console.print(f"W&B (offline): upload later with `wandb sync {summary['wandb_dir']}`", soft_wrap=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=64")
+    parser.add_argument("--compile-only", action="store_true", help="write pipeline.yaml and stop")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        config, run_dir = prepare(args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(config, sort_keys=False), end="")
+            return 0
+        storage.write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        pipeline = compile_pipeline(config, run_dir / "pipeline.yaml")
+        if args.compile_only:
+            print(f"compiled {graph.TRAIN_PIPELINE} to {run_dir / 'pipeline.yaml'}")
+            return 0
+        print(f"run {config['run_id']}: data_prep -> train -> evaluate with kfp's local runner "
+              f"(log: {run_dir / LOG_FILE})", flush=True)
+        run_locally(pipeline, {"config_json": json.dumps(config), "run_dir": str(run_dir)}, run_dir,
+                    progress=not args.no_progress)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PipelineFailed as exc:
+        # The run directory keeps config, compiled pipeline and log; no data or model was written.
+        storage.write_json(run_dir / "summary.json", {"run_id": config["run_id"], "status": "failed", "error": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"full log: {run_dir / LOG_FILE}", file=sys.stderr)
+        return 2
+    print_summary(storage.read_json(run_dir / "summary.json"), run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
