@@ -1,0 +1,131 @@
+"""The real pipeline graph, compiled by kfp and run end to end by kfp's local runner."""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from components import storage
+from pipelines import submit
+
+SUMMARY_FIELDS = {
+    "run_id", "status", "stop_reason", "effective_batch_size", "micro_batch_size", "accumulation_steps",
+    "world_size", "lr", "optimizer", "optimizer_steps", "epochs", "samples_seen", "wall_time_s", "best_metric",
+    "test", "steps_to_target", "samples_to_target", "time_to_target_s", "data_version", "config_hash",
+}
+
+
+def test_compiled_pipeline_has_the_three_steps_in_order(tmp_path):
+    assert submit.main(["--compile-only", f"output_dir={tmp_path}", "run_id=c", "platform.image=reg/img:1"]) == 0
+    spec = yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"data-prep", "train", "evaluate"}
+    assert tasks["train"]["dependentTasks"] == ["data-prep"]
+    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["data-prep", "train"]
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json", "run_dir"}
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"reg/img:1"}
+    assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
+    assert not tasks["train"]["cachingOptions"].get("enableCache", False)
+
+
+def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE")  # the default: W&B offline
+    assert submit.main([f"output_dir={tmp_path / 'runs'}", "run_id=default", "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "default"
+    summary = storage.read_json(run_dir / "summary.json")
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["status"] == "completed" and summary["run_id"] == "default"
+    assert (summary["effective_batch_size"], summary["micro_batch_size"], summary["accumulation_steps"],
+            summary["world_size"]) == (32, 32, 1, 1)
+    assert summary["lr"] == 0.05 and summary["optimizer"] == "sgd"
+    assert summary["samples_seen"] == 32 * summary["optimizer_steps"]
+    assert summary["epochs"] == pytest.approx(summary["optimizer_steps"] / 39)
+    assert summary["stop_reason"] in ("early_stopping", "max_epochs")
+    assert summary["best_metric"]["name"] == "val/accuracy" and summary["best_metric"]["value"] > 0.93
+    assert summary["test"]["accuracy"] > 0.93 and len(summary["test"]["confusion_matrix"]) == 10
+    assert summary["steps_to_target"] is None and summary["time_to_target_s"] is None  # no target by default
+
+    rows = storage.read_jsonl(run_dir / "metrics.jsonl")
+    assert max(r["step"] for r in rows) == summary["optimizer_steps"]
+    assert sum("train/loss" in r for r in rows) == summary["optimizer_steps"]
+    best = max((r for r in rows if "val/accuracy" in r), key=lambda r: (r["val/accuracy"], -r["step"]))
+    assert best["step"] == summary["best_metric"]["step"]
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run_id"] == "default" and config["data"]["name"] == "digits"
+    assert "convergence-train" in (run_dir / "pipeline.yaml").read_text()
+    model = storage.load_torch(run_dir / "model.pt")
+    assert model["data_version"] == summary["data_version"] and model["config"]["run_id"] == "default"
+    assert list((run_dir / "kfp").rglob("manifest.json"))  # task artifacts stay inside the run
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "train"]
+    assert list((run_dir / "wandb").glob("offline-run-*train/run-*.wandb"))
+
+    out = capsys.readouterr().out
+    assert "32 = 32 micro x 1 accumulation x 1 process" in out
+    assert f"run directory: {run_dir}" in out and "wandb sync" in out
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    """A user's CSV and model package, importable by the pipeline's task processes."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 6))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)])
+    frame["label"] = np.where(x[:, 0] + 0.5 * x[:, 1] > 0, "yes", "no")
+    frame.to_csv(tmp_path / "mine.csv", index=False)
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "my_models.py").write_text(
+        "import math, torch\n"
+        "def build(input_shape, output_dim, width=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), width),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(width, output_dim))\n")
+    monkeypatch.setenv("PYTHONPATH", str(pkg))
+    monkeypatch.syspath_prepend(str(pkg))
+    return tmp_path
+
+
+def test_user_csv_and_model_factory_end_to_end_then_resume(user_project, capsys):
+    args = ["data=file", "data.path=mine.csv", "data.target=label", "model.factory=my_models:build",
+            "+model.kwargs.width=12", "train.batch_size=64", "train.micro_batch_size=16", "train.optimizer=adamw",
+            "train.lr=0.01", "eval.target=0.9", "output_dir=out", "run_id=mine", "--no-progress"]
+    assert submit.main(args) == 0
+    run_dir = user_project / "out" / "mine"
+    summary = storage.read_json(run_dir / "summary.json")
+    assert summary["accumulation_steps"] == 4 and summary["effective_batch_size"] == 64
+    assert summary["stop_reason"] == "target_reached"
+    assert summary["steps_to_target"] == summary["optimizer_steps"]
+    assert summary["samples_to_target"] == 64 * summary["steps_to_target"]
+    assert summary["time_to_target_s"] > 0 and summary["best_metric"]["value"] >= 0.9
+    assert storage.load_torch(run_dir / "model.pt")["state_dict"]["1.weight"].shape == (12, 6)
+    rows_before = (run_dir / "metrics.jsonl").read_text()
+
+    # the same run id again: it resumes from the final checkpoint and changes nothing
+    assert submit.main(args) == 0
+    again = storage.read_json(run_dir / "summary.json")
+    assert again["resumed_from_step"] == summary["optimizer_steps"]
+    assert again["test"] == summary["test"] and again["best_metric"] == summary["best_metric"]
+    assert (run_dir / "metrics.jsonl").read_text() == rows_before
+
+    capsys.readouterr()
+    assert submit.main(args[:-3] + ["train.lr=0.02", "output_dir=out", "run_id=mine"]) == 2
+    assert "run_id: mine already exists" in capsys.readouterr().err
+
+
+def test_bad_data_in_the_pipeline_gives_one_line_and_no_partial_output(tmp_path, capsys):
+    frame = pd.DataFrame({"a": [1.0, np.nan, 3.0] * 10, "target": [0, 1, 1] * 10})
+    frame.to_csv(tmp_path / "nan.csv", index=False)
+    code = submit.main(["data=file", "data.path=nan.csv", "output_dir=out", "run_id=bad", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"error: data: 10 NaN/inf feature values in {tmp_path / 'nan.csv'} (features a); clean or impute them first"
+    assert err[1].startswith("full log: ")
+    run_dir = tmp_path / "out" / "bad"
+    assert storage.read_json(run_dir / "summary.json") == {"run_id": "bad", "status": "failed", "error": err[0][7:]}
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "model.pt").exists()
+    assert not list((run_dir / "kfp").rglob("manifest.json"))

@@ -1,0 +1,234 @@
+"""The training loop: accumulation equivalence, LR rules, resume, determinism, stopping."""
+
+import math
+
+import pytest
+import torch
+
+from components import early_stopping, models, storage, training
+from components.config import parse_config
+from conftest import config
+from pipelines.config import CONF_DIR, compose_config
+
+
+def train(cfg, data, run_dir=None, on_step=None):
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_model(cfg.model, data.input_shape, data.output_dim)
+    result = training.fit(model, data, cfg, run_dir, progress=False, on_step=on_step)
+    return model, result
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_accumulation_gives_the_same_update_as_one_big_batch(digits, optimizer):
+    """32 x 1, 8 x 4 and 4 x 8 must train to the same parameters: the loss scaling makes the
+    summed micro-batch gradients the mean over the effective batch."""
+    runs = {}
+    for micro in (32, 8, 4):
+        cfg = config(train={"batch_size": 32, "micro_batch_size": micro, "max_steps": 40, "optimizer": optimizer,
+                            "lr": 0.05 if optimizer == "sgd" else 0.002, "checkpoint_every_steps": None},
+                     eval={"every_steps": 40})
+        model, result = train(cfg, digits)
+        assert result.plan.accumulation_steps == 32 // micro and result.optimizer_steps == 40
+        runs[micro] = params(model)
+    assert not torch.equal(runs[32], params(models.build_model(config().model, (1, 8, 8), 10)))  # it trained
+    torch.testing.assert_close(runs[8], runs[32], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[4], runs[32], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_gradient_equals_the_full_batch_gradient(digits):
+    """One step by hand: the loop's scaled micro-batch losses sum to the full-batch gradient."""
+    cfg = config()
+    x, y = (torch.as_tensor(a[:64]) for a in digits.split("train"))
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, digits.input_shape, 10)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for i in range(0, 64, 16):
+        (torch.nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]) / 4).backward()
+    for a, b in zip(full, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_last_incomplete_window_is_dropped_and_every_step_sees_the_effective_batch(digits, tmp_path):
+    cfg = config(train={"batch_size": 100, "micro_batch_size": 50, "max_epochs": 2, "lr_scaling": "none"},
+                 eval={"patience": 100})
+    _, result = train(cfg, digits, tmp_path)
+    assert result.plan.steps_per_epoch == 1259 // 100 == 12
+    assert result.optimizer_steps == 24 and result.samples_seen == 2400 and result.epochs == 2.0
+    assert result.stop_reason == early_stopping.MAX_EPOCHS
+    rows = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert [r["samples_seen"] for r in rows] == [100 * s for s in range(1, 25)]
+    order = training.epoch_order(0, 0, 1259)
+    assert len(set(order[:1200].tolist())) == 1200  # one epoch: 12 disjoint windows of 100
+    assert not torch.equal(order, training.epoch_order(0, 1, 1259))  # reshuffled every epoch
+
+
+def test_lr_scaling_rules():
+    assert training.scaled_lr(0.1, 256, 32, "linear") == pytest.approx(0.8)
+    assert training.scaled_lr(0.1, 256, 64, "sqrt") == pytest.approx(0.2)
+    assert training.scaled_lr(0.1, 256, 32, "none") == pytest.approx(0.1)
+    assert training.scaled_lr(0.1, 16, 32, "linear") == pytest.approx(0.05)
+
+
+def test_warmup_then_cosine_schedule():
+    t = config(train={"warmup_steps": 4, "schedule": "cosine"}).train
+    lrs = [training.lr_at(s, 1.0, t, total_steps=14) for s in range(15)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5) and lrs[14] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    constant = config(train={"warmup_steps": 2}).train
+    assert [training.lr_at(s, 0.4, constant, 10) for s in range(4)] == pytest.approx([0.2, 0.4, 0.4, 0.4])
+
+
+def test_logged_lr_is_the_scaled_and_scheduled_lr(digits, tmp_path):
+    cfg = config(train={"batch_size": 64, "micro_batch_size": 64, "lr": 0.05, "base_batch_size": 32,
+                        "warmup_steps": 5, "schedule": "cosine", "max_steps": 30})
+    _, result = train(cfg, digits, tmp_path)
+    assert result.plan.lr == pytest.approx(0.1)
+    rows = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]
+    expected = [training.lr_at(s, 0.1, cfg.train, 30) for s in range(30)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
+
+
+def test_metrics_rows_per_step_and_per_evaluation(digits, tmp_path):
+    cfg = config(train={"max_steps": 50}, eval={"every_steps": 20})
+    train(cfg, digits, tmp_path)
+    rows = storage.read_jsonl(tmp_path / "metrics.jsonl")
+    steps = [r for r in rows if "train/loss" in r]
+    evals = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 51))
+    assert [r["step"] for r in evals] == [20, 40, 50]  # every 20 steps, and the last step
+    for r in rows:
+        assert {"step", "samples_seen", "epoch", "wall_time_s"} <= set(r)
+        assert r["samples_seen"] == 32 * r["step"] and r["epoch"] == pytest.approx(r["step"] / 39)
+    assert {"val/accuracy", "val/macro_f1"} <= set(evals[0])
+    assert all(a["wall_time_s"] <= b["wall_time_s"] for a, b in zip(rows, rows[1:]))
+
+
+def test_same_seed_same_weights(digits):
+    cfg = config(train={"max_steps": 30}, model={"dropout": 0.2})
+    a, _ = train(cfg, digits)
+    b, _ = train(cfg, digits)
+    assert torch.equal(params(a), params(b))
+    c, _ = train(config(train={"max_steps": 30, "seed": 1}, model={"dropout": 0.2}), digits)
+    assert not torch.equal(params(a), params(c))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_ends_with_the_same_weights_and_rows_as_an_uninterrupted_run(digits, tmp_path):
+    # dropout makes the RNG state part of what must be restored
+    cfg = config(train={"max_steps": 80, "checkpoint_every_steps": 10, "micro_batch_size": 16},
+                 eval={"every_steps": 15, "patience": 100}, model={"dropout": 0.1})
+    full, full_result = train(cfg, digits, tmp_path / "full")
+
+    def crash_at_47(step):
+        if step == 47:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, digits, tmp_path / "resumed", on_step=crash_at_47)
+    assert storage.load_torch(tmp_path / "resumed" / training.CHECKPOINT)["step"] == 40
+    resumed, resumed_result = train(cfg, digits, tmp_path / "resumed")
+
+    assert resumed_result.resumed_from_step == 40
+    assert torch.equal(params(resumed), params(full))
+    assert resumed_result.best_metric == full_result.best_metric
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]  # noqa: E731
+    assert strip(storage.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == \
+        strip(storage.read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+
+    again, again_result = train(cfg, digits, tmp_path / "resumed")  # a finished run stays finished
+    assert again_result.optimizer_steps == 80 and torch.equal(params(again), params(full))
+
+
+def test_resume_refuses_a_run_directory_with_another_config(digits, tmp_path):
+    train(config(train={"max_steps": 10, "checkpoint_every_steps": 5}), digits, tmp_path)
+    from components.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different config_hash"):
+        train(config(train={"max_steps": 10, "lr": 0.01}), digits, tmp_path)
+
+
+def test_target_records_steps_samples_and_time(digits):
+    cfg = config(eval={"target": 0.9, "every_steps": 10})
+    model, result = train(cfg, digits)
+    assert result.stop_reason == early_stopping.TARGET_REACHED
+    assert result.steps_to_target % 10 == 0 and result.steps_to_target == result.optimizer_steps
+    assert result.samples_to_target == 32 * result.steps_to_target
+    assert 0 < result.time_to_target_s <= result.wall_time_s
+    assert result.best_metric["value"] >= 0.9
+
+
+def test_patience_stops_and_the_best_weights_are_restored(digits):
+    cfg = config(eval={"patience": 2}, train={"max_epochs": 50})
+    model, result = train(cfg, digits)
+    assert result.stop_reason == early_stopping.PATIENCE
+    assert result.optimizer_steps < 50 * 39
+    from components import metrics
+
+    x, y = (torch.as_tensor(a) for a in digits.split("val"))
+    restored = metrics.evaluate(model, x, y, "classification", 10)["val/accuracy"]
+    assert restored == result.best_metric["value"]
+    assert result.best_metric["step"] <= result.optimizer_steps - 2 * 39
+
+
+def test_non_finite_loss_stops_at_once_and_restores_the_last_finite_best(digits, tmp_path):
+    cfg = config(train={"lr": 20.0, "max_steps": 200}, eval={"every_steps": 5})
+    model, result = train(cfg, digits, tmp_path)
+    rows = storage.read_jsonl(tmp_path / "metrics.jsonl")
+    assert result.stop_reason == early_stopping.NON_FINITE
+    assert not math.isfinite(rows[-1]["train/loss"]) and rows[-1]["step"] == result.optimizer_steps
+    assert all(math.isfinite(r["train/loss"]) for r in rows[:-1] if "train/loss" in r)  # stopped at the first
+    assert result.best_metric["step"] == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_divergence_threshold_stops_training(digits):
+    cfg = config(train={"lr": 5.0, "max_steps": 200}, eval={"every_steps": 5, "monitor": "val/loss",
+                                                             "mode": "min", "divergence_threshold": 3.0})
+    _, result = train(cfg, digits)
+    assert result.stop_reason in (early_stopping.DIVERGED, early_stopping.NON_FINITE)
+    assert result.optimizer_steps < 200
+
+
+def test_effective_batch_larger_than_the_train_split_is_refused(digits):
+    from components.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.batch_size: effective batch 2048 is larger than the training split \(1259"):
+        train(config(train={"batch_size": 2048, "micro_batch_size": 256}), digits)
+
+
+def test_user_model_factory(digits, tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import math, torch\n"
+        "def build(input_shape, output_dim, width=16):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), width),\n"
+        "                               torch.nn.Tanh(), torch.nn.Linear(width, output_dim))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config(model={"factory": "my_models:build", "kwargs": {"width": 24}}, train={"max_steps": 40})
+    model, result = train(cfg, digits)
+    assert model[1].out_features == 24
+    assert result.best_metric["value"] > 0.5
+    with pytest.raises(Exception, match="model.factory: cannot import 'no_such_module'"):
+        models.build_model(config(model={"factory": "no_such_module:f"}).model, (64,), 10)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_trains_a_few_steps(name, tmp_path):
+    from components import data_prep
+    from components import train as train_step
+
+    raw = compose_config([f"experiment={name}", "tracking.mode=disabled", "train.max_steps=12", "run_id=x"])
+    data_prep.run(raw, str(tmp_path / "data"))
+    outcome = train_step.run(raw, str(tmp_path / "data"), str(tmp_path / "model.pt"), str(tmp_path / "run"))
+    assert outcome["optimizer_steps"] == min(12, outcome["max_steps"])
+    assert math.isfinite(outcome["best_metric"]["value"])
+    assert parse_config(raw).train.batch_size == outcome["effective_batch_size"]
