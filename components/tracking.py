@@ -36,14 +36,14 @@ class Tracker:
         self.run = wandb.init(
             mode=self.mode, project=cfg.project, group=group or cfg.group or run_id, job_type=job_type,
             id=f"{run_id}-{job_type}", name=f"{run_id}-{job_type}", resume="allow",
-            dir=str(run_dir), config=config, settings=wandb.Settings(silent=True, console="off"),
+            dir=str(run_dir), config=config, settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_machine_info=True, disable_git=True, disable_code=True),
         )
         for axis in X_AXES:
             self.run.define_metric(axis)
         self.run.define_metric("*", step_metric="samples_seen")
 
     def log_train(self, row: dict) -> None:
-        if self.run is not None and row["step"] % self.log_every == 0:
+        if self.run is not None and self.log_every and row["step"] % self.log_every == 0:
             self.run.log(row)
 
     def log(self, row: dict) -> None:

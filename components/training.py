@@ -142,6 +142,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
     n_classes = data.manifest["n_classes"] or 0
     shard = plan.effective_batch_size // plan.world_size  # examples this rank sees per step
     micro = plan.micro_batch_size
+    accumulating = plan.accumulation_steps > 1
 
     model.to(device).train()
     optimizer = make_optimizer(model, t, plan.lr)
@@ -195,8 +196,10 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         if log:
             log.write(out)
             log.flush()
-        if tracker:
-            tracker.log(out)
+        if tracker:  # one W&B call per evaluation, carrying the train loss since the last one
+            mean_loss = loss_since_eval[0] / max(1, loss_since_eval[1])
+            tracker.log({**out, "train/loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]})
+        loss_since_eval[:] = [0.0, 0]
         bar.set_postfix({"train/loss": f"{train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"}, refresh=False)
 
     from tqdm.auto import tqdm
@@ -209,6 +212,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         return elapsed_before + time.perf_counter() - t0
 
     train_loss, last_eval_step, last_flush = float("nan"), step, t0
+    loss_since_eval = [0.0, 0]  # sum, count
     while not finished and not stopper.should_stop and step < plan.max_steps:
         epoch, first_window = divmod(step, plan.steps_per_epoch)
         order = epoch_order(t.seed, epoch, plan.n_train).to(device)
@@ -221,17 +225,20 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             # Accumulation: micro-batches are equal-sized, so dividing each mean loss by their
             # count makes the summed gradient the mean over the whole shard: the same update
             # as one forward/backward over the full effective batch.
-            loss_sum = torch.zeros((), device=device)
+            losses = []
             for m in range(0, shard, micro):
-                mb = indices[m:m + micro]
-                loss = loss_fn(model(x_train[mb]), y_train[mb]) / plan.accumulation_steps
-                loss.backward()
-                loss_sum += loss.detach()
+                mb = indices[m:m + micro] if accumulating else indices
+                loss = loss_fn(model(x_train[mb]), y_train[mb])
+                (loss / plan.accumulation_steps if accumulating else loss).backward()
+                losses.append(loss.detach())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            train_loss = loss_sum.item()
+            # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
+            train_loss = (torch.stack(losses).mean() if accumulating else losses[0]).item()
+            loss_since_eval[0] += train_loss
+            loss_since_eval[1] += 1
             out = row({"train/loss": train_loss, "lr": optimizer.param_groups[0]["lr"]})
             if log:
                 log.write(out)

@@ -7,12 +7,14 @@ step's one-line error (see components.errors) and the path of the full log.
 """
 
 import json
+import os
 import threading
 import time
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Callable, Optional
+from unittest import mock
 
 from components.errors import ERROR_MARKER
 
@@ -31,7 +33,11 @@ def run_locally(pipeline: Callable, arguments: dict, run_dir: Path, progress: bo
                raise_on_error=True)
     log_path = run_dir / LOG_FILE
     watcher = ProgressWatcher(run_dir) if progress else None
-    with open(log_path, "a") as log, redirect_stdout(log), warnings.catch_warnings():
+    # Each task copies its code into a fresh temp dir; keep those with the run, not in /tmp.
+    task_tmp = run_dir / "kfp" / "tmp"
+    task_tmp.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, redirect_stdout(log), warnings.catch_warnings(), \
+            mock.patch.dict(os.environ, {"TMPDIR": str(task_tmp)}):
         # Our image name has no "python" in it; the local runner uses this interpreter anyway.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # Cluster-only task settings (resources, GPUs, caching) are carried in the YAML but not

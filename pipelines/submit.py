@@ -95,11 +95,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     table.add_column()
     for name, value in rows:
         table.add_row(name, value)
-    console = Console()
-    console.print(table)
-    console.print(f"run directory: {run_dir}")
+    Console().print(table)
+    print(f"run directory: {run_dir}")  # plain prints: paths must not be wrapped
     if summary.get("wandb_dir"):
-        console.print(f"W&B (offline): upload later with `wandb sync {summary['wandb_dir']}`", soft_wrap=True)
+        print(f"W&B (offline): upload later with `wandb sync {summary['wandb_dir']}`")
 
 
 def main(argv=None) -> int:
