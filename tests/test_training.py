@@ -232,3 +232,24 @@ def test_every_experiment_trains_a_few_steps(name, tmp_path):
     assert outcome["optimizer_steps"] == min(12, outcome["max_steps"])
     assert math.isfinite(outcome["best_metric"]["value"])
     assert parse_config(raw).train.batch_size == outcome["effective_batch_size"]
+
+
+def test_steps_run_alone_from_the_command_line(tmp_path):
+    """`python -m components.<step>`: the same steps without kfp, wired by files."""
+    import json
+
+    from components import data_prep, evaluate
+    from components import train as train_step
+
+    raw = config(train={"max_steps": 20}).to_dict()
+    raw["run_id"] = "cli"
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    run = tmp_path / "run"
+    data_prep.main(["--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "data")])
+    train_step.main(["--config", str(tmp_path / "c.json"), "--dataset", str(tmp_path / "data"),
+                     "--model-out", str(tmp_path / "m.pt"), "--run-dir", str(run)])
+    evaluate.main(["--config", str(tmp_path / "c.json"), "--dataset", str(tmp_path / "data"), "--model",
+                   str(tmp_path / "m.pt"), "--train-result", str(run / "train_result.json"), "--run-dir", str(run)])
+    summary = storage.read_json(run / "summary.json")
+    assert summary["status"] == "completed" and summary["optimizer_steps"] == 20
+    assert 0 < summary["test"]["accuracy"] <= 1

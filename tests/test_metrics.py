@@ -1,0 +1,37 @@
+"""Evaluation metrics against scikit-learn's reference implementations."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from components import metrics
+
+
+def test_classification_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    logits = torch.as_tensor(rng.normal(size=(200, 4)))
+    y = torch.as_tensor(rng.integers(0, 4, 200))
+    out = metrics.classification(logits, y, 4, full=True)
+    pred = logits.argmax(1).numpy()
+    assert out["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert out["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert out["loss"] == pytest.approx(skm.log_loss(y, torch.softmax(logits, 1).numpy()))
+    assert out["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=range(4)).tolist()
+
+
+def test_macro_f1_counts_a_never_predicted_class_as_zero():
+    logits = torch.tensor([[2.0, 0, 0], [2.0, 0, 0], [0, 2.0, 0]])
+    y = torch.tensor([0, 2, 1])
+    out = metrics.classification(logits, y, 3)
+    assert out["macro_f1"] == pytest.approx(skm.f1_score(y, [0, 0, 1], average="macro", zero_division=0))
+
+
+def test_regression_metrics_match_sklearn():
+    rng = np.random.default_rng(1)
+    y = torch.as_tensor(rng.normal(size=300))
+    pred = y + torch.as_tensor(rng.normal(scale=0.3, size=300))
+    out = metrics.regression(pred.reshape(-1, 1), y)
+    assert out["mse"] == pytest.approx(skm.mean_squared_error(y, pred)) and out["loss"] == out["mse"]
+    assert out["mae"] == pytest.approx(skm.mean_absolute_error(y, pred))
+    assert out["r2"] == pytest.approx(skm.r2_score(y, pred))
