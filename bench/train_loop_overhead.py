@@ -91,7 +91,7 @@ def main() -> None:
 
     def make(mode: str) -> Config:
         raw = Config().to_dict()
-        raw["train"].update(max_epochs=args.epochs)
+        raw["train"].update(max_epochs=args.epochs, batch_size=32, micro_batch_size=32)
         raw["eval"].update(patience=10_000)  # same number of steps in every loop
         raw["tracking"].update(mode=mode)
         return parse_config(raw)

@@ -64,10 +64,14 @@ class ModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
+AUTO = "auto"  # a batch size the probe step decides
+
+
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # effective (global) batch: micro x accumulation x world size
-    micro_batch_size: int = 32
+    # int or "auto". Effective (global) batch = micro-batch x accumulation x world size.
+    batch_size: Any = AUTO
+    micro_batch_size: Any = AUTO
     max_epochs: int = 30
     max_steps: Optional[int] = None
     optimizer: str = "sgd"
@@ -81,6 +85,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_steps: Optional[int] = 200
     device: str = "auto"
+    # Track the gradient noise scale from the accumulation micro-steps (gns/b_simple); costs a
+    # copy of the gradients per micro-step, and needs accumulation >= 2.
+    track_noise_scale: bool = True
 
 
 @dataclass
@@ -107,9 +114,32 @@ class TrackingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    enabled: bool = True
+    memory_margin: float = 0.1  # keep this fraction of device memory free
+    # What "fits" means on CPU: the memory one micro-step needs (parameters, gradients,
+    # optimizer state, inputs and the activations autograd saves) within this budget.
+    # null: a quarter of RAM on CPU, the device's memory on CUDA; a number caps either.
+    memory_budget_gb: Optional[float] = None
+    max_micro_batch_size: int = 4096
+    min_batch_size: int = 8  # smallest effective batch worth considering
+    throughput_steps: int = 5  # timed steps per micro-batch on the ladder (after one warm-up step)
+    noise_batches: int = 32  # big batches averaged for the noise scale
+    noise_accumulation: int = 4  # big batch = small batch x this
+    warmup_steps: int = 50  # steps of training before the noise scale is measured (0: at init)
+
+
+@dataclass
+class GpuConfig:
+    type: str = "nvidia.com/gpu"  # the accelerator resource the probe and train pods request
+    count: int = 0  # 0: CPU pods
+
+
+@dataclass
 class PlatformConfig:
     name: str = "local"
     image: str = "convergence-pipeline:latest"
+    gpu: GpuConfig = field(default_factory=GpuConfig)
 
 
 @dataclass
@@ -118,6 +148,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     output_dir: str = "runs"
@@ -128,7 +159,14 @@ class Config:
         return 1  # multi-process training arrives with the distributed issue
 
     @property
+    def batch_sizes_decided(self) -> bool:
+        return AUTO not in (self.train.batch_size, self.train.micro_batch_size)
+
+    @property
     def accumulation_steps(self) -> int:
+        if not self.batch_sizes_decided:
+            raise ConfigError("train.batch_size: 'auto' is decided by the probe step; run it first "
+                              "(probe.enabled=true) or give numbers")
         return self.train.batch_size // (self.train.micro_batch_size * self.world_size)
 
     def to_dict(self) -> dict:
@@ -204,14 +242,22 @@ def validate(cfg: Config) -> None:
     _check(all(c > 0 for c in m.channels), "model.channels", f"sizes must be > 0; got {m.channels}")
     _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1); got {m.dropout}")
 
-    for key in ("batch_size", "micro_batch_size", "max_epochs", "base_batch_size"):
+    for key in ("batch_size", "micro_batch_size"):
+        value = getattr(t, key)
+        _check(value == AUTO or (type(value) is int and value > 0), f"train.{key}",
+               f"must be a positive integer or 'auto'; got {value!r}")
+    for key in ("max_epochs", "base_batch_size"):
         value = getattr(t, key)
         _check(value > 0, f"train.{key}", f"must be > 0; got {value}")
-    _check(t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
-           f"micro-batch {t.micro_batch_size} is larger than the effective batch {t.batch_size}")
-    per_update = t.micro_batch_size * cfg.world_size
-    _check(t.batch_size % per_update == 0, "train.batch_size",
-           f"effective batch {t.batch_size} is not divisible by micro-batch x world size = {per_update}")
+    if cfg.batch_sizes_decided:
+        _check(t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
+               f"micro-batch {t.micro_batch_size} is larger than the effective batch {t.batch_size}")
+        per_update = t.micro_batch_size * cfg.world_size
+        _check(t.batch_size % per_update == 0, "train.batch_size",
+               f"effective batch {t.batch_size} is not divisible by micro-batch x world size = {per_update}")
+    else:
+        _check(cfg.probe.enabled, "train.batch_size", "with probe.enabled=false, train.batch_size and "
+               f"train.micro_batch_size must be numbers; got {t.batch_size!r} and {t.micro_batch_size!r}")
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 or null; got {t.max_steps}")
     _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
     _one_of(t.lr_scaling, LR_SCALINGS, "train.lr_scaling")
@@ -230,14 +276,30 @@ def validate(cfg: Config) -> None:
     _check(e.patience > 0, "eval.patience", f"must be > 0; got {e.patience}")
     _check(e.min_delta >= 0, "eval.min_delta", f"must be >= 0; got {e.min_delta}")
 
+    p = cfg.probe
+    _check(0 <= p.memory_margin < 1, "probe.memory_margin", f"must be in [0, 1); got {p.memory_margin}")
+    _check(p.memory_budget_gb is None or p.memory_budget_gb > 0, "probe.memory_budget_gb",
+           f"must be > 0 or null; got {p.memory_budget_gb}")
+    for key in ("max_micro_batch_size", "min_batch_size", "throughput_steps"):
+        _check(getattr(p, key) > 0, f"probe.{key}", f"must be > 0; got {getattr(p, key)}")
+    _check(p.noise_batches >= 2, "probe.noise_batches", f"must be >= 2; got {p.noise_batches}")
+    _check(p.noise_accumulation >= 2, "probe.noise_accumulation", f"must be >= 2; got {p.noise_accumulation}")
+    _check(p.warmup_steps >= 0, "probe.warmup_steps", f"must be >= 0; got {p.warmup_steps}")
+
     _one_of(cfg.tracking.mode, TRACKING_MODES, "tracking.mode")
     _check(cfg.tracking.log_every_steps is None or cfg.tracking.log_every_steps > 0, "tracking.log_every_steps",
            f"must be > 0 or null; got {cfg.tracking.log_every_steps}")
     _one_of(cfg.platform.name, PLATFORMS, "platform.name")
+    _check(cfg.platform.gpu.count >= 0, "platform.gpu.count", f"must be >= 0; got {cfg.platform.gpu.count}")
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     if cfg.run_id is not None:
         _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
+
+
+def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
+    """The config with the probe's decision in place of 'auto'."""
+    return {**raw, "train": {**raw["train"], "batch_size": batch_size, "micro_batch_size": micro_batch_size}}
 
 
 # Keys that change where or how a run is recorded, not what it computes.

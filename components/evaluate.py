@@ -1,11 +1,12 @@
 """Step 3: evaluate. Test metrics of the restored best model, and the run's summary.json.
 
     python -m components.evaluate --config config.yaml --dataset dataset/ --model model.pt \
-        --train-result runs/r1/train_result.json --run-dir runs/r1
+        --train-result runs/r1/train_result.json --run-dir runs/r1 [--probe probe.json]
 """
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -15,7 +16,8 @@ from components.errors import DataError, exit_on_user_error
 from components.tracking import Tracker
 
 
-def run(config: dict, dataset_path: str, model_path: str, train_result: dict, run_dir: str) -> dict:
+def run(config: dict, dataset_path: str, model_path: str, train_result: dict, run_dir: str,
+        probe_decision: Optional[dict] = None) -> dict:
     from components.train import load_model
 
     cfg = parse_config(config)
@@ -42,6 +44,8 @@ def run(config: dict, dataset_path: str, model_path: str, train_result: dict, ru
         "resumed_from_step": r["resumed_from_step"], "steps_per_epoch": r["steps_per_epoch"],
         "data_version": data.data_version, "config_hash": r["config_hash"],
         "counts": data.manifest["counts"], "wandb_dir": r.get("wandb_dir"),
+        "oom_events": r.get("oom_events", []), "gns_b_simple": r.get("gns_b_simple"),
+        "probe": probe_decision,  # what the probe chose and why; null when it did not run
     }
     storage.write_json(run_dir / "summary.json", summary)
 
@@ -60,8 +64,13 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True, help="model file (from train)")
     parser.add_argument("--train-result", required=True, help="train_result.json (from train)")
     parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--probe", help="probe.json, if the probe step ran")
     args = parser.parse_args(argv)
-    run(load_config_file(args.config), args.dataset, args.model, storage.read_json(args.train_result), args.run_dir)
+    from components import probe
+
+    decision = probe.decision(storage.read_json(args.probe)) if args.probe else None
+    run(load_config_file(args.config), args.dataset, args.model, storage.read_json(args.train_result), args.run_dir,
+        decision)
 
 
 if __name__ == "__main__":

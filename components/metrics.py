@@ -56,7 +56,7 @@ def regression(pred: torch.Tensor, y: torch.Tensor) -> Dict:
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_classes: int = 0,
-             prefix: str = "val", full: bool = False) -> Dict:
-    out = predict(model, x)
+             prefix: str = "val", full: bool = False, chunk: int = 4096) -> Dict:
+    out = predict(model, x, chunk)
     values = classification(out, y, n_classes, full) if task == "classification" else regression(out, y)
     return {f"{prefix}/{k}": v for k, v in values.items()}

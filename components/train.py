@@ -2,7 +2,8 @@
 early stopping (components/training.py), writes the best weights, metrics.jsonl and
 checkpoints. Re-running with the same run directory resumes from the last checkpoint.
 
-    python -m components.train --config config.yaml --dataset dataset/ --model-out model.pt --run-dir runs/r1
+    python -m components.train --config config.yaml --dataset dataset/ --model-out model.pt --run-dir runs/r1 \
+        [--probe probe.json]
 """
 
 import argparse
@@ -68,8 +69,14 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
     parser.add_argument("--model-out", required=True, help="where to write the best model")
     parser.add_argument("--run-dir", required=True, help="run directory: metrics, checkpoints, summary")
+    parser.add_argument("--probe", help="probe.json (from the probe step) deciding 'auto' batch sizes")
     args = parser.parse_args(argv)
-    outcome = run(load_config_file(args.config), args.dataset, args.model_out, args.run_dir)
+    config = load_config_file(args.config)
+    if args.probe:
+        from components import probe
+
+        config = probe.apply(config, storage.read_json(args.probe))
+    outcome = run(config, args.dataset, args.model_out, args.run_dir)
     storage.write_json(Path(args.run_dir) / "train_result.json", outcome)
 
 

@@ -15,14 +15,15 @@ on shard `rank`; with one process that is the whole window.
 
 import math
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
-from components import early_stopping, metrics, storage
+from components import early_stopping, memory, metrics, noise_scale, storage
 from components.config import Config, TrainConfig, config_hash
 from components.datasets import Dataset
 from components.errors import ConfigError
@@ -104,6 +105,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
+                         micro: int, noise: Optional[noise_scale.NoiseScaleTracker] = None) -> List[torch.Tensor]:
+    """Forward/backward over `indices` in micro-batches of `micro`, summing into .grad.
+
+    Micro-batches are equal-sized (`micro` divides len(indices)), so dividing each mean loss by
+    their count makes the summed gradient the mean over all of `indices`: the same update as
+    one forward/backward over the whole batch. With `noise`, the gradient norm after the first
+    micro-batch (count^2 x |.grad|^2 is that micro-batch's own |g|^2) and after the last (the
+    whole batch's) feed the noise-scale estimate: two norms per step, no copies.
+    """
+    count = len(indices) // micro
+    losses, first_sq = [], None
+    for m in range(0, len(indices), micro):
+        mb = indices[m:m + micro] if count > 1 else indices
+        loss = loss_fn(model(x[mb]), y[mb])
+        (loss / count if count > 1 else loss).backward()
+        losses.append(loss.detach())
+        if noise is not None and first_sq is None:
+            first_sq = noise_scale.grad_sq_norm(model.parameters()) * count ** 2
+    if noise is not None:
+        small_sq, big_sq = torch.stack([first_sq, noise_scale.grad_sq_norm(model.parameters())]).tolist()
+        noise.update([small_sq], big_sq, micro, len(indices))
+    return losses
+
+
 @dataclass
 class FitResult:
     plan: Plan
@@ -117,11 +147,15 @@ class FitResult:
     samples_to_target: Optional[int]
     time_to_target_s: Optional[float]
     resumed_from_step: Optional[int]
+    micro_batch_size: int  # at the end: smaller than planned after an out-of-memory retry
+    accumulation_steps: int
+    oom_events: List[dict] = field(default_factory=list)
+    gns_b_simple: Optional[float] = None  # noise scale tracked during training (accumulation >= 2)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(out.pop("plan"))
-        return out
+        plan = out.pop("plan")
+        return {**plan, **out}
 
 
 def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
@@ -141,8 +175,9 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
     loss_fn = metrics.loss_fn(data.task)
     n_classes = data.manifest["n_classes"] or 0
     shard = plan.effective_batch_size // plan.world_size  # examples this rank sees per step
-    micro = plan.micro_batch_size
-    accumulating = plan.accumulation_steps > 1
+    micro = plan.micro_batch_size  # halves on out-of-memory; the effective batch never changes
+    oom_events: List[dict] = []
+    noise = noise_scale.NoiseScaleTracker(population=plan.n_train) if t.track_noise_scale else None
 
     model.to(device).train()
     optimizer = make_optimizer(model, t, plan.lr)
@@ -163,6 +198,9 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         stopper.load_state_dict(ckpt["stopper"])
         torch.set_rng_state(ckpt["rng"])
         step, elapsed_before, best_state, target_at = ckpt["step"], ckpt["wall_time_s"], ckpt["best_state"], ckpt["target_at"]
+        micro, oom_events = ckpt["micro_batch_size"], ckpt["oom_events"]
+        if noise is not None:
+            vars(noise).update(ckpt["noise"])
         resumed_from, finished = step, ckpt["finished"]
         if log:
             log.truncate(ckpt["metrics_offset"])  # rows after the checkpoint are written again
@@ -176,7 +214,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             **identity, "step": step, "finished": finished, "wall_time_s": elapsed(),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "stopper": stopper.state_dict(), "rng": torch.get_rng_state(),
-            "best_state": best_state, "target_at": target_at,
+            "best_state": best_state, "target_at": target_at, "micro_batch_size": micro, "oom_events": oom_events,
+            "noise": vars(noise) if noise is not None else None,
             "metrics_offset": log.offset() if log else 0,
         }, checkpoint_path)
 
@@ -186,7 +225,10 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
 
     def evaluate() -> None:
         nonlocal best_state, target_at
-        values = metrics.evaluate(model, x_val, y_val, data.task, n_classes)
+        # in chunks of the training micro-batch: known to fit (no activations are kept for backward)
+        values = metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=micro)
+        if noise is not None and noise.value is not None:
+            values["gns/b_simple"] = noise.value
         had_target = stopper.target_step is not None
         if stopper.update(values[e.monitor], step):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -222,21 +264,31 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.lr, t, plan.max_steps)
 
-            # Accumulation: micro-batches are equal-sized, so dividing each mean loss by their
-            # count makes the summed gradient the mean over the whole shard: the same update
-            # as one forward/backward over the full effective batch.
-            losses = []
-            for m in range(0, shard, micro):
-                mb = indices[m:m + micro] if accumulating else indices
-                loss = loss_fn(model(x_train[mb]), y_train[mb])
-                (loss / plan.accumulation_steps if accumulating else loss).backward()
-                losses.append(loss.detach())
+            while True:
+                try:
+                    losses = accumulate_gradients(model, loss_fn, x_train, y_train, indices, micro,
+                                                  noise if micro < shard else None)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+                    if not memory.is_oom(exc) or micro == 1:
+                        raise
+                    # Out of memory (variable inputs, fragmentation): redo this step with half
+                    # the micro-batch and twice the accumulation: the same update.
+                    traceback.clear_frames(exc.__traceback__)  # its frames hold the failed tensors
+                    optimizer.zero_grad(set_to_none=True)
+                    memory.release_memory()
+                    smaller = largest_divisor_at_most(shard, micro // 2)
+                    oom_events.append({"step": step + 1, "from": micro, "to": smaller})
+                    micro = smaller
+                    if log:
+                        log.write(row({"event": "out_of_memory", "micro_batch_size": micro,
+                                       "accumulation_steps": shard // micro}))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
             # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
-            train_loss = (torch.stack(losses).mean() if accumulating else losses[0]).item()
+            train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
             loss_since_eval[0] += train_loss
             loss_since_eval[1] += 1
             out = row({"train/loss": train_loss, "lr": optimizer.param_groups[0]["lr"]})
@@ -280,5 +332,6 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         steps_to_target=target_at["steps"] if target_at else None,
         samples_to_target=target_at["samples"] if target_at else None,
         time_to_target_s=target_at["time_s"] if target_at else None,
-        resumed_from_step=resumed_from,
+        resumed_from_step=resumed_from, micro_batch_size=micro, accumulation_steps=shard // micro,
+        oom_events=oom_events, gns_b_simple=noise.value if noise is not None else None,
     )

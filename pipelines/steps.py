@@ -4,9 +4,10 @@ source alone into its container; the image (Dockerfile) has this package install
 
 import functools
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 
 def data_prep(config_json: str, dataset: Output[Dataset]):
@@ -21,15 +22,33 @@ def data_prep(config_json: str, dataset: Output[Dataset]):
                              "task": manifest["task"]})
 
 
-def train(config_json: str, run_dir: str, dataset: Input[Dataset], model: Output[Model],
-          metrics: Output[Metrics]) -> str:
+def probe(config_json: str, run_dir: str, dataset: Input[Dataset], report: Output[Artifact]) -> NamedTuple(
+        "ProbeDecision", [("batch_size", int), ("micro_batch_size", int), ("decision", str)]):
     import json
+    from collections import namedtuple
 
-    from components import train
+    from components import probe
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        outcome = train.run(json.loads(config_json), dataset.path, model.path, run_dir)
+        result = probe.run(json.loads(config_json), dataset.path, report.path, run_dir)
+    choice = result["recommendation"]
+    report.metadata.update({k: v for k, v in choice.items() if isinstance(v, (int, float))})
+    outputs = namedtuple("ProbeDecision", ["batch_size", "micro_batch_size", "decision"])
+    return outputs(choice["effective_batch_size"], choice["micro_batch_size"], json.dumps(probe.decision(result)))
+
+
+def train(config_json: str, run_dir: str, batch_size: int, micro_batch_size: int, dataset: Input[Dataset],
+          model: Output[Model], metrics: Output[Metrics]) -> str:
+    import json
+
+    from components import train
+    from components.config import with_batch_sizes
+    from components.errors import user_errors_as_one_line
+
+    with user_errors_as_one_line():
+        config = with_batch_sizes(json.loads(config_json), batch_size, micro_batch_size)
+        outcome = train.run(config, dataset.path, model.path, run_dir)
     for key in ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
                 "accumulation_steps", "lr", "steps_to_target"):
         if outcome[key] is not None:
@@ -38,15 +57,16 @@ def train(config_json: str, run_dir: str, dataset: Input[Dataset], model: Output
     return json.dumps(outcome)
 
 
-def evaluate(config_json: str, run_dir: str, train_result: str, dataset: Input[Dataset], model: Input[Model],
-             metrics: Output[Metrics]) -> str:
+def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: str, dataset: Input[Dataset],
+             model: Input[Model], metrics: Output[Metrics]) -> str:
     import json
 
     from components import evaluate
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        summary = evaluate.run(json.loads(config_json), dataset.path, model.path, json.loads(train_result), run_dir)
+        summary = evaluate.run(json.loads(config_json), dataset.path, model.path, json.loads(train_result), run_dir,
+                               json.loads(probe_decision) if probe_decision else None)
     for key, value in summary["test"].items():
         if isinstance(value, (int, float)):
             metrics.log_metric(f"test/{key}", value)
@@ -58,4 +78,5 @@ def make_steps(image: str) -> SimpleNamespace:
     """The steps as KFP components running in `image`. The image already holds kfp and
     this project, so nothing is pip-installed when a pod starts."""
     component = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
-    return SimpleNamespace(data_prep=component(data_prep), train=component(train), evaluate=component(evaluate))
+    return SimpleNamespace(data_prep=component(data_prep), probe=component(probe), train=component(train),
+                           evaluate=component(evaluate))

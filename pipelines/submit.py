@@ -56,7 +56,7 @@ def prepare(overrides) -> tuple:
 def compile_pipeline(config: dict, package_path: Path):
     from kfp import compiler
 
-    pipeline = graph.train_pipeline(config["platform"]["image"])
+    pipeline = graph.train_pipeline(config)
     package_path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(package_path))
     return pipeline
@@ -90,6 +90,11 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     ]
     if summary.get("resumed_from_step") is not None:
         rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    if summary.get("oom_events"):
+        rows.append(("out of memory", "; ".join(f"step {e['step']}: micro-batch {e['from']} -> {e['to']}"
+                                                  for e in summary["oom_events"])))
+    if summary.get("probe"):
+        rows.append(("probe", "\n".join(summary["probe"]["reasoning"])))
     table = Table(title=f"run {summary['run_id']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -120,7 +125,8 @@ def main(argv=None) -> int:
         if args.compile_only:
             print(f"compiled {graph.TRAIN_PIPELINE} to {run_dir / 'pipeline.yaml'}")
             return 0
-        print(f"run {config['run_id']}: data_prep -> train -> evaluate with kfp's local runner "
+        steps = "data_prep -> probe -> train -> evaluate" if config["probe"]["enabled"] else "data_prep -> train -> evaluate"
+        print(f"run {config['run_id']}: {steps} with kfp's local runner "
               f"(log: {run_dir / LOG_FILE})", flush=True)
         run_locally(pipeline, {"config_json": json.dumps(config), "run_dir": str(run_dir)}, run_dir,
                     progress=not args.no_progress)

@@ -15,6 +15,7 @@ def config(**sections) -> Config:
     """A validated Config from the schema defaults with nested overrides:
     config(train={"batch_size": 64}, eval={"patience": 2})."""
     raw = Config().to_dict()
+    raw["train"].update(batch_size=32, micro_batch_size=32)  # numbers, not the probe's "auto"
     for section, values in sections.items():
         if isinstance(values, dict):
             raw[section].update(values)

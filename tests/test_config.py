@@ -16,7 +16,8 @@ def test_defaults_compose_to_the_documented_pipeline():
     cfg = compose_config([])
     assert cfg["data"]["name"] == "digits"
     assert cfg["model"]["name"] == "mlp"
-    assert cfg["train"]["batch_size"] == 32 and cfg["train"]["micro_batch_size"] == 32
+    assert cfg["train"]["batch_size"] == "auto" and cfg["train"]["micro_batch_size"] == "auto"
+    assert cfg["probe"]["enabled"] is True
     assert cfg["eval"]["monitor"] == "val/accuracy" and cfg["eval"]["every_steps"] is None
     assert cfg["tracking"]["mode"] == "offline"
     assert cfg["platform"]["name"] == "local"
@@ -46,9 +47,17 @@ def test_every_experiment_composes(name):
     (["data=nope"], "data: no config named 'nope' (available: digits, file, synthetic)"),
     (["data=file"], "data.path: required"),
     (["train.lr=-1"], "train.lr: must be > 0"),
-    (["train.batch_size=0"], "train.batch_size: must be > 0"),
-    (["train.micro_batch_size=-8"], "train.micro_batch_size: must be > 0"),
-    (["train.micro_batch_size=64"], "train.micro_batch_size: micro-batch 64 is larger than the effective batch 32"),
+    (["train.batch_size=0"], "train.batch_size: must be a positive integer or 'auto'; got 0"),
+    (["train.micro_batch_size=-8"], "train.micro_batch_size: must be a positive integer or 'auto'; got -8"),
+    (["train.batch_size=1.5"], "train.batch_size: must be a positive integer or 'auto'; got 1.5"),
+    (["train.batch_size=big"], "train.batch_size: must be a positive integer or 'auto'; got 'big'"),
+    (["train.batch_size=32", "train.micro_batch_size=64"],
+     "train.micro_batch_size: micro-batch 64 is larger than the effective batch 32"),
+    (["probe.enabled=false"], "train.batch_size: with probe.enabled=false, train.batch_size and "
+                              "train.micro_batch_size must be numbers"),
+    (["probe.memory_margin=1"], "probe.memory_margin: must be in [0, 1)"),
+    (["probe.noise_accumulation=1"], "probe.noise_accumulation: must be >= 2"),
+    (["platform.gpu.count=-1"], "platform.gpu.count: must be >= 0"),
     (["train.batch_size=48", "train.micro_batch_size=32"], "train.batch_size: effective batch 48 is not divisible"),
     (["train.optimizer=adam"], "train.optimizer: must be one of sgd, adamw"),
     (["train.lr_scaling=cubic"], "train.lr_scaling: must be one of none, linear, sqrt"),

@@ -18,18 +18,49 @@ SUMMARY_FIELDS = {
 }
 
 
-def test_compiled_pipeline_has_the_three_steps_in_order(tmp_path):
-    assert submit.main(["--compile-only", f"output_dir={tmp_path}", "run_id=c", "platform.image=reg/img:1"]) == 0
-    spec = yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
+def compiled(tmp_path, *overrides):
+    assert submit.main(["--compile-only", f"output_dir={tmp_path}", "run_id=c", *overrides]) == 0
+    return yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
+
+
+def test_compiled_pipeline_has_the_four_steps_in_order(tmp_path):
+    spec = compiled(tmp_path, "platform.image=reg/img:1")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"data-prep", "train", "evaluate"}
-    assert tasks["train"]["dependentTasks"] == ["data-prep"]
-    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["data-prep", "train"]
+    assert set(tasks) == {"data-prep", "probe", "train", "evaluate"}
+    assert tasks["probe"]["dependentTasks"] == ["data-prep"]
+    assert sorted(tasks["train"]["dependentTasks"]) == ["data-prep", "probe"]
+    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["data-prep", "probe", "train"]
+    # the probe's decision reaches train as typed integer parameters
+    train_inputs = tasks["train"]["inputs"]["parameters"]
+    assert train_inputs["batch_size"]["taskOutputParameter"] == {"outputParameterKey": "batch_size",
+                                                                 "producerTask": "probe"}
+    component = spec["components"]["comp-train"]["inputDefinitions"]["parameters"]
+    assert component["batch_size"]["parameterType"] == "NUMBER_INTEGER"
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json", "run_dir"}
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"reg/img:1"}
     assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
+    assert not any("resources" in e["container"] for e in executors.values())  # no GPU asked by default
     assert not tasks["train"]["cachingOptions"].get("enableCache", False)
+
+
+def test_gpu_steps_request_accelerators_from_config(tmp_path):
+    spec = compiled(tmp_path, "platform.gpu.count=2", "platform.gpu.type=nvidia.com/gpu")
+    executors = spec["deploymentSpec"]["executors"]
+    for name in ("exec-probe", "exec-train"):
+        accelerator = executors[name]["container"]["resources"]["accelerator"]
+        assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
+    assert "resources" not in executors["exec-data-prep"]["container"]
+    assert "resources" not in executors["exec-evaluate"]["container"]
+
+
+def test_without_the_probe_the_config_numbers_feed_train(tmp_path):
+    spec = compiled(tmp_path, "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=16")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"data-prep", "train", "evaluate"}
+    params = tasks["train"]["inputs"]["parameters"]
+    assert (params["batch_size"]["runtimeValue"]["constant"], params["micro_batch_size"]["runtimeValue"]["constant"]) \
+        == (64, 16)
 
 
 def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
@@ -39,11 +70,19 @@ def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     summary = storage.read_json(run_dir / "summary.json")
     assert SUMMARY_FIELDS <= set(summary)
     assert summary["status"] == "completed" and summary["run_id"] == "default"
-    assert (summary["effective_batch_size"], summary["micro_batch_size"], summary["accumulation_steps"],
-            summary["world_size"]) == (32, 32, 1, 1)
-    assert summary["lr"] == 0.05 and summary["optimizer"] == "sgd"
-    assert summary["samples_seen"] == 32 * summary["optimizer_steps"]
-    assert summary["epochs"] == pytest.approx(summary["optimizer_steps"] / 39)
+    # the probe decided the batch sizes (train.batch_size=auto): summary, probe.json and the rule agree
+    probe = storage.read_json(run_dir / "probe.json")
+    chosen = probe["recommendation"]
+    batch, micro, accumulation = (summary[k] for k in ("effective_batch_size", "micro_batch_size", "accumulation_steps"))
+    assert (batch, micro, accumulation) == (chosen["effective_batch_size"], chosen["micro_batch_size"],
+                                            chosen["accumulation_steps"])
+    assert batch == micro * accumulation * summary["world_size"] and summary["world_size"] == 1
+    assert micro <= probe["memory"]["micro_batch_size"]
+    assert summary["lr"] == pytest.approx(0.05 * batch / 32) and summary["optimizer"] == "sgd"  # linear scaling
+    assert summary["probe"]["reasoning"] == probe["reasoning"] and len(probe["reasoning"]) == 4
+    assert probe["noise_scale"]["b_simple"] > 0 and probe["throughput"]["ladder"]
+    assert summary["samples_seen"] == batch * summary["optimizer_steps"]
+    assert summary["epochs"] == pytest.approx(summary["optimizer_steps"] / (1259 // batch))
     assert summary["stop_reason"] in ("early_stopping", "max_epochs")
     assert summary["best_metric"]["name"] == "val/accuracy" and summary["best_metric"]["value"] > 0.93
     assert summary["test"]["accuracy"] > 0.93 and len(summary["test"]["confusion_matrix"]) == 10
@@ -62,11 +101,11 @@ def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert model["data_version"] == summary["data_version"] and model["config"]["run_id"] == "default"
     assert list((run_dir / "kfp").rglob("manifest.json"))  # task artifacts stay inside the run
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "train"]
+    assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "probe", "train"]
     assert list((run_dir / "wandb").glob("offline-run-*train/run-*.wandb"))
 
     out = capsys.readouterr().out
-    assert "32 = 32 micro x 1 accumulation x 1 process" in out
+    assert f"{batch} = {micro} micro x {accumulation} accumulation x 1 process" in out
     assert f"run directory: {run_dir}" in out and "wandb sync" in out
 
 

@@ -223,11 +223,18 @@ def test_user_model_factory(digits, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_trains_a_few_steps(name, tmp_path):
-    from components import data_prep
+    """Each experiment config, through the same steps as the pipeline (probe kept short)."""
+    from components import data_prep, probe
     from components import train as train_step
+    from components.config import with_batch_sizes
 
-    raw = compose_config([f"experiment={name}", "tracking.mode=disabled", "train.max_steps=12", "run_id=x"])
+    raw = compose_config([f"experiment={name}", "tracking.mode=disabled", "train.max_steps=12", "run_id=x",
+                          "probe.warmup_steps=0", "probe.throughput_steps=1", "probe.noise_batches=4"])
     data_prep.run(raw, str(tmp_path / "data"))
+    if raw["probe"]["enabled"]:
+        choice = probe.run(raw, str(tmp_path / "data"), str(tmp_path / "probe.json"), str(tmp_path / "run"))
+        raw = with_batch_sizes(raw, choice["recommendation"]["effective_batch_size"],
+                               choice["recommendation"]["micro_batch_size"])
     outcome = train_step.run(raw, str(tmp_path / "data"), str(tmp_path / "model.pt"), str(tmp_path / "run"))
     assert outcome["optimizer_steps"] == min(12, outcome["max_steps"])
     assert math.isfinite(outcome["best_metric"]["value"])
@@ -253,3 +260,56 @@ def test_steps_run_alone_from_the_command_line(tmp_path):
     summary = storage.read_json(run / "summary.json")
     assert summary["status"] == "completed" and summary["optimizer_steps"] == 20
     assert 0 < summary["test"]["accuracy"] <= 1
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """An injected device-memory limit: forward raises the CUDA out-of-memory error type for
+    micro-batches larger than `limit`, as a real allocator would."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.calls = inner, limit, []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} samples")
+        return self.inner(x)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(digits, tmp_path):
+    cfg = config(train={"batch_size": 32, "micro_batch_size": 32, "max_steps": 30}, eval={"every_steps": 30})
+    clean, _ = train(cfg, digits)
+
+    torch.manual_seed(cfg.train.seed)
+    model = OutOfMemoryAbove(models.build_model(cfg.model, digits.input_shape, 10), limit=10)
+    result = training.fit(model, digits, cfg, tmp_path, progress=False)
+
+    assert result.oom_events == [{"step": 1, "from": 32, "to": 16}, {"step": 1, "from": 16, "to": 8}]
+    assert model.calls[:4] == [32, 16, 8, 8]  # the retry sequence, then 4 micro-batches of 8
+    assert (result.micro_batch_size, result.accumulation_steps) == (8, 4)
+    assert result.plan.effective_batch_size == 32 and result.samples_seen == 32 * 30  # never silently changed
+    torch.testing.assert_close(params(model.inner), params(clean), rtol=1e-5, atol=1e-6)
+    events = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "out_of_memory"]
+    assert [(e["micro_batch_size"], e["accumulation_steps"]) for e in events] == [(16, 2), (8, 4)]
+
+
+def test_out_of_memory_at_micro_batch_one_is_raised(digits):
+    cfg = config(train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3})
+    torch.manual_seed(0)
+    model = OutOfMemoryAbove(models.build_model(cfg.model, digits.input_shape, 10), limit=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        training.fit(model, digits, cfg, progress=False)
+    assert model.calls == [4, 2, 1]
+
+
+def test_noise_scale_is_tracked_from_accumulation_micro_steps(digits, tmp_path):
+    cfg = config(train={"batch_size": 128, "micro_batch_size": 32, "max_steps": 60, "lr_scaling": "none"},
+                 eval={"every_steps": 20})
+    _, result = train(cfg, digits, tmp_path)
+    evals = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "val/loss" in r]
+    assert all("gns/b_simple" in r for r in evals)
+    assert result.gns_b_simple == evals[-1]["gns/b_simple"]
+    assert 1 < result.gns_b_simple < 10_000  # a batch-size scale, not noise or a sign error
+    _, plain = train(config(train={"max_steps": 5}), digits)  # no accumulation: nothing to track
+    assert plain.gns_b_simple is None

@@ -1,0 +1,249 @@
+"""Step: probe. Decides the micro-batch, the effective batch and so the accumulation for the
+train step, when the config leaves them "auto", and writes the evidence to probe.json.
+
+1. Memory fit: the largest micro-batch that fits the device with a margin (components/memory.py).
+2. Throughput: samples per second on a geometric ladder of micro-batches up to the fit.
+3. Gradient noise scale B_simple (components/noise_scale.py), after a short warm-up.
+4. Recommendation: the effective batch B maximizing goodput = throughput(B) / (1 + B/B_noise),
+   i.e. minimizing time to a target when samples-to-target grow as 1 + B/B_noise
+   (McCandlish et al. 2018); micro-batch = the largest that fits and divides B; accumulation =
+   B / (micro x world size); LR rescaled from train.base_batch_size by train.lr_scaling.
+
+    python -m components.probe --config config.yaml --dataset dataset/ --out probe.json --run-dir runs/r1
+"""
+
+import argparse
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from components import datasets, memory, metrics, models, noise_scale, storage, training
+from components.config import AUTO, Config, config_hash, load_config_file, parse_config, with_batch_sizes
+from components.errors import ConfigError, exit_on_user_error
+from components.tracking import Tracker
+
+PROBE_FILE = "probe.json"
+KNEE = 0.9  # throughput within 10% of the best counts as flat
+
+
+def memory_budget(cfg: Config, device: torch.device) -> tuple:
+    """Bytes a micro-step may use, and how that was decided (said in probe.json)."""
+    explicit = cfg.probe.memory_budget_gb * 2**30 if cfg.probe.memory_budget_gb else None
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        if explicit and explicit < total:
+            return int(explicit), f"probe.memory_budget_gb={cfg.probe.memory_budget_gb} (device has {total / 2**30:.1f} GiB)"
+        return int(total), f"{torch.cuda.get_device_name(device)}: {total / 2**30:.1f} GiB, peak allocated memory measured per trial"
+    if explicit:
+        return int(explicit), (f"CPU: probe.memory_budget_gb={cfg.probe.memory_budget_gb}; a micro-step's need is "
+                               "parameters, gradients, optimizer state, inputs and the activations autograd saves")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram // 4), (f"CPU: a quarter of RAM ({ram / 2**30:.1f} GiB); a micro-step's need is parameters, "
+                           "gradients, optimizer state, inputs and the activations autograd saves")
+
+
+def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, steps: int,
+                      device: torch.device, repeats: int = 3) -> List[Dict]:
+    """Samples/s of full training steps at micro-batches 8, 16, ... up to `top` (and `top`).
+    One warm-up step, then the fastest of `repeats` timed runs of `steps` steps: noise from a
+    shared machine only ever slows a run down. Runs on a copy: the probed model is not trained."""
+    sizes = sorted({min(top, 2 ** k) for k in range(3, max(4, math.ceil(math.log2(max(top, 8))) + 1))} | {top})
+    ladder = []
+    for b in sizes:
+        trial_model = copy.deepcopy(model)
+        optimizer = optimizer_factory(trial_model)
+        rows = torch.arange(b, device=device) % len(x)
+        xb, yb = x[rows], y[rows]
+
+        def run_steps(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                loss_fn(trial_model(xb), yb).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        run_steps(1)  # pays for allocation and kernel selection
+        fastest = min(run_steps(steps) for _ in range(repeats))
+        ladder.append({"micro_batch_size": b, "samples_per_s": b * steps / fastest})
+    return ladder
+
+
+def throughput_at(ladder: List[Dict], micro: int) -> float:
+    """Measured samples/s at `micro`, interpolated in log2(batch) between ladder rungs."""
+    points = [(r["micro_batch_size"], r["samples_per_s"]) for r in ladder]
+    if micro <= points[0][0]:
+        return points[0][1] * micro / points[0][0]
+    for (b0, t0), (b1, t1) in zip(points, points[1:]):
+        if b0 <= micro <= b1:
+            w = (math.log2(micro) - math.log2(b0)) / max(1e-12, math.log2(b1) - math.log2(b0))
+            return t0 + w * (t1 - t0)
+    return points[-1][1]
+
+
+def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train: int) -> Dict:
+    """The effective batch, micro-batch and accumulation that maximize goodput."""
+    t, world = cfg.train, cfg.world_size
+    largest = max(cfg.probe.min_batch_size, n_train // 8)  # keep at least ~8 steps per epoch
+    if t.batch_size != AUTO:
+        candidates = [t.batch_size]
+    else:
+        step = t.micro_batch_size * world if t.micro_batch_size != AUTO else world
+        candidates = sorted({b for k in range(0, 24) for b in [2 ** k]
+                             if cfg.probe.min_batch_size <= b <= largest and b % step == 0})
+        if not candidates:
+            candidates = [step * max(1, largest // step)]
+    rungs = [r["micro_batch_size"] for r in ladder]
+    options = []
+    for batch in candidates:
+        per_rank = batch // world
+        if t.micro_batch_size != AUTO:
+            micro = t.micro_batch_size
+        else:  # the fastest measured micro-batch that divides the batch (accumulating the rest)
+            fitting = {training.largest_divisor_at_most(per_rank, fit)} | {b for b in rungs if per_rank % b == 0}
+            micro = max(fitting, key=lambda b: (throughput_at(ladder, b), b))
+        samples_per_s = throughput_at(ladder, micro) * world
+        efficiency = 1.0 / (1.0 + batch / b_noise)  # relative samples-to-target: E_min / E(B)
+        options.append({"effective_batch_size": batch, "micro_batch_size": micro,
+                        "accumulation_steps": per_rank // micro, "samples_per_s": samples_per_s,
+                        "statistical_efficiency": efficiency, "goodput": samples_per_s * efficiency})
+    best = max(options, key=lambda o: o["goodput"])
+    lr = training.scaled_lr(t.lr, best["effective_batch_size"], t.base_batch_size, t.lr_scaling)
+    return {**best, "world_size": world, "lr": lr, "options": options}
+
+
+def decision(result: Dict) -> Dict:
+    """The part of probe.json the later steps carry into the summary: what was chosen and why."""
+    return {"recommendation": result["recommendation"], "b_simple": result["noise_scale"]["b_simple"],
+            "reasoning": result["reasoning"]}
+
+
+def apply(config: dict, result: Dict) -> dict:
+    """The config with the probe's batch sizes in place of 'auto'."""
+    choice = result["recommendation"]
+    return with_batch_sizes(config, choice["effective_batch_size"], choice["micro_batch_size"])
+
+
+def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
+    cfg = parse_config(config)
+    run_dir = storage.local_path(run_dir)
+    data = datasets.load(Path(dataset_path))
+    identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
+    saved = run_dir / PROBE_FILE
+    if saved.exists():  # a resumed run keeps the decision its checkpoints were made with
+        result = storage.read_json(saved)
+        if all(result.get(k) == v for k, v in identity.items()):
+            storage.write_json(Path(out), result)
+            print(f"probe: reusing {saved}")
+            return result
+
+    start = time.perf_counter()
+    device = training.resolve_device(cfg.train.device)
+    x, y = (torch.as_tensor(a).to(device) for a in data.split("train"))
+    n_train = len(x)
+    loss_fn = metrics.loss_fn(data.task)
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_model(cfg.model, data.input_shape, data.output_dim).to(device).train()
+
+    # 1. memory: the largest micro-batch that fits
+    budget, budget_note = memory_budget(cfg, device)
+    cap = min(n_train, cfg.probe.max_micro_batch_size)
+    if cfg.train.batch_size != AUTO:
+        cap = min(cap, cfg.train.batch_size // cfg.world_size)
+    state_factor = {"sgd": 1.0 if cfg.train.momentum else 0.0, "adamw": 2.0}[cfg.train.optimizer]
+    if device.type == "cuda":
+        def step(b: int) -> None:
+            rows = torch.arange(b, device=device) % n_train
+            loss_fn(model(x[rows]), y[rows]).backward()
+            model.zero_grad(set_to_none=True)
+        trial = memory.cuda_trial(step, device)
+    else:
+        trial = memory.cpu_trial(model, loss_fn, x, y, optimizer_state_factor=state_factor)
+    try:
+        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap)
+    except memory.DoesNotFit as exc:
+        raise ConfigError(f"probe: {exc}") from None
+    if cfg.train.micro_batch_size != AUTO and cfg.train.micro_batch_size > fit.micro_batch:
+        raise ConfigError(f"train.micro_batch_size: {cfg.train.micro_batch_size} does not fit the memory budget; "
+                          f"the largest that fits is {fit.micro_batch}")
+
+    # 2. throughput on a ladder of micro-batches
+    def optimizer_factory(m):
+        return training.make_optimizer(m, cfg.train, cfg.train.lr)
+
+    ladder = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch,
+                               cfg.probe.throughput_steps, device)
+    best_rate = max(r["samples_per_s"] for r in ladder)
+    knee = min(r["micro_batch_size"] for r in ladder if r["samples_per_s"] >= KNEE * best_rate)
+
+    # 3. gradient noise scale, after a short warm-up (the noise scale grows as the loss falls)
+    small = max(1, min(fit.micro_batch, cfg.train.base_batch_size, n_train // (2 * cfg.probe.noise_accumulation)))
+    warm = copy.deepcopy(model)
+    optimizer = optimizer_factory(warm)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    for _ in range(cfg.probe.warmup_steps):
+        rows = torch.randint(0, n_train, (small,), generator=gen).to(device)
+        loss_fn(warm(x[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    noise = noise_scale.measure(warm, loss_fn, x, y, small, cfg.probe.noise_accumulation,
+                                cfg.probe.noise_batches, gen)
+    b_noise = noise.b_simple if noise.b_simple > 0 and math.isfinite(noise.b_simple) else float(small)
+
+    # 4. recommendation
+    choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
+    reasoning = [
+        fit.reasoning,
+        f"throughput flat above micro-batch {knee} ({best_rate:,.0f} samples/s at best)",
+        f"B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} after {cfg.probe.warmup_steps} warm-up steps "
+        f"(small batch {small}, big {small * cfg.probe.noise_accumulation}, {noise.n_batches} batches)",
+        f"-> effective {choice['effective_batch_size']} = {choice['micro_batch_size']} x "
+        f"{choice['accumulation_steps']} x {choice['world_size']}, lr {choice['lr']:.4g} "
+        f"({cfg.train.lr_scaling} from {cfg.train.lr} at {cfg.train.base_batch_size})",
+    ]
+    result = {
+        **identity,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "memory": {"budget_bytes": budget, "budget": budget_note, "margin": fit.margin,
+                   "micro_batch_size": fit.micro_batch, "trials": fit.trials, "fixed_bytes": fit.fixed_bytes,
+                   "per_sample_bytes": fit.per_sample_bytes, "reasoning": fit.reasoning},
+        "throughput": {"ladder": ladder, "knee_micro_batch_size": knee},
+        "noise_scale": noise.to_dict(),
+        "recommendation": {k: v for k, v in choice.items() if k != "options"},
+        "options": choice["options"],
+        "reasoning": reasoning,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    storage.write_json(saved, result)
+    storage.write_json(Path(out), result)
+    print("probe: " + "; ".join(reasoning))
+
+    tracker = Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "probe", {**config, **identity})
+    for rung in ladder:
+        tracker.log(rung)
+    tracker.summarize({**{f"probe/{k}": v for k, v in result["recommendation"].items()},
+                       "probe/b_simple": noise.b_simple, "probe/max_micro_batch_size": fit.micro_batch})
+    tracker.finish()
+    return result
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="resolved config (YAML or JSON)")
+    parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
+    parser.add_argument("--out", required=True, help="where to write probe.json")
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    run(load_config_file(args.config), args.dataset, args.out, args.run_dir)
+
+
+if __name__ == "__main__":
+    main()
