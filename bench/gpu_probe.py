@@ -46,7 +46,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # trials near the memory limit stay quick
     torch.manual_seed(0)
     x = torch.randn(n, features, device=device)
-    y = torch.randint(0, 10, (n,), device=device)
+    y = (x @ torch.randn(features, 10, device=device)).argmax(1)  # learnable labels: a real gradient signal
     model = wide_mlp(features, width, depth).to(device)
     loss_fn = nn.functional.cross_entropy
     report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(device), "torch": torch.__version__}
@@ -61,7 +61,7 @@ def main() -> None:
         trial, budget = memory.cpu_trial(model, loss_fn, x, y), 64 * 2**20
     else:
         trial, budget = memory.cuda_trial(step, device), torch.cuda.mem_get_info(device)[1]
-    margin, cap = 0.1, 1 << 17
+    margin, cap = 0.1, 1 << 21
     start = time.perf_counter()
     fit = memory.find_max_micro_batch(trial, budget, margin, cap=cap)
     report["search"] = {"micro_batch": fit.micro_batch, "trials": fit.trials, "seconds": time.perf_counter() - start,

@@ -1,12 +1,13 @@
 """Training-loop overhead: components.training.fit against a hand-written PyTorch loop doing
-the same steps (digits, the default MLP, batch 32, SGD, a validation pass per epoch).
+the same steps (digits, the default MLP, SGD, a validation pass per epoch), for batch 32 with
+W&B off and offline, and for batch 128 accumulated as 32 x 4 with noise-scale tracking off and on.
 
-fit runs as in the pipeline: metrics.jsonl row per step, checkpoints every 200 steps, W&B
-offline (a row per evaluation). Both loops alternate in this one
-process, so machine noise hits both. Noise only ever adds time, so the headline is the ratio
-of the fastest runs; the ratio of medians is printed beside it.
+fit runs as in the pipeline: a metrics.jsonl row per step, checkpoints every 200 steps, W&B (when
+on) a row per evaluation. The loops alternate in this one process, so machine noise hits all of
+them. Noise only ever adds time, so the headline is the ratio of the fastest runs; the ratio of
+medians is printed beside it. See CLOCKS below for the clock.
 
-    .venv/bin/python bench/train_loop_overhead.py [--epochs 10] [--repeats 7]
+    .venv/bin/python bench/train_loop_overhead.py [--epochs 10] [--repeats 21]
 """
 
 import argparse
@@ -26,9 +27,11 @@ from components import datasets, models, training  # noqa: E402
 from components.config import Config, parse_config  # noqa: E402
 from components.tracking import Tracker  # noqa: E402
 
-# CPU seconds of this process (all its threads): steadier than wall time on a shared machine,
-# and what a loop's overhead costs. `--wall` switches to wall-clock time.
-CLOCK = time.process_time
+# Which clock: "thread" (CPU time of this thread, with torch on 1 thread so all the work is on
+# it: time the machine gives to other tenants is not counted; the steadiest here), "process"
+# (CPU time of all threads; torch's idle threads spin, which inflates it) or "wall".
+CLOCKS = {"thread": time.thread_time, "process": time.process_time, "wall": time.perf_counter}
+CLOCK = time.thread_time
 
 
 def hand_written(cfg: Config, data, steps_per_epoch: int, epochs: int) -> float:
@@ -37,15 +40,19 @@ def hand_written(cfg: Config, data, steps_per_epoch: int, epochs: int) -> float:
     torch.manual_seed(0)
     model = models.build_model(cfg.model, data.input_shape, data.output_dim)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    batch = cfg.train.batch_size
+    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    k = batch // micro
     start = CLOCK()
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
-            loss.backward()
+            if k == 1:
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+            else:
+                for m in range(0, batch, micro):
+                    (F.cross_entropy(model(x[idx[m:m + micro]]), y[idx[m:m + micro]]) / k).backward()
             opt.step()
         with torch.no_grad():
             model.eval()
@@ -75,57 +82,97 @@ def ours(cfg: Config, data, run_dir: Path) -> float:
     return elapsed
 
 
+def per_step_cost(cfg_for, data, repeats: int) -> dict:
+    """Seconds per optimizer step, from the slope between a short and a long run (fastest of
+    `repeats` each): one-time costs (setup, the final checkpoint) cancel out."""
+    out = {}
+    steps_per_epoch = data.manifest["counts"]["train"] // 32
+    for name in ("hand", "fit"):
+        times = {}
+        for epochs in (5, 25):
+            cfg = cfg_for(epochs)
+            if name == "hand":
+                times[epochs] = min(hand_written(cfg, data, steps_per_epoch, epochs) for _ in range(repeats))
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    times[epochs] = min(ours(cfg, data, Path(tmp) / f"p{r}") for r in range(repeats))
+        out[name] = (times[25] - times[5]) / (20 * steps_per_epoch)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--wall", action="store_true", help="wall-clock time instead of CPU time")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: 1 with --clock thread, else torch's choice)")
     args = parser.parse_args()
-    if args.wall:
-        global CLOCK
-        CLOCK = time.perf_counter
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
+    if args.threads is None and args.clock == "thread":
+        args.threads = 1
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.pop("WANDB_MODE", None)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def make(mode: str) -> Config:
+    def make(tracking: str, batch: int = 32, micro: int = 32, noise: bool = True) -> Config:
         raw = Config().to_dict()
-        raw["train"].update(max_epochs=args.epochs, batch_size=32, micro_batch_size=32)
+        raw["train"].update(max_epochs=args.epochs, batch_size=batch, micro_batch_size=micro,
+                            track_noise_scale=noise, lr_scaling="none")
         raw["eval"].update(patience=10_000)  # same number of steps in every loop
-        raw["tracking"].update(mode=mode)
+        raw["tracking"].update(mode=tracking)
         return parse_config(raw)
 
-    configs = {"disabled": make("disabled"), "offline": make("offline")}
-    data = datasets.build(configs["offline"].data)
-    steps_per_epoch = data.manifest["counts"]["train"] // configs["offline"].train.batch_size
-    times = {"hand": [], "disabled": [], "offline": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        hand_written(configs["offline"], data, steps_per_epoch, 1)  # warm-up every path
-        for mode, cfg in configs.items():
-            ours(cfg, data, Path(tmp) / f"warmup-{mode}")
-        for r in range(args.repeats):
-            runs = ["hand", *configs]
-            for name in runs if r % 2 == 0 else runs[::-1]:  # alternate the order: no loop always goes first
-                if name == "hand":
-                    times[name].append(hand_written(configs["offline"], data, steps_per_epoch, args.epochs))
-                else:
-                    times[name].append(ours(configs[name], data, Path(tmp) / f"{name}-{r}"))
-
-    steps = steps_per_epoch * args.epochs
+    # (hand-written reference, fit variants): plain batch 32, and batch 128 = 32 x 4 accumulated
+    scenarios = {
+        "batch 32": (make("disabled"), {"fit, tracking disabled": make("disabled"),
+                                        "fit, tracking offline": make("offline")}),
+        "batch 128 = 32 x 4": (make("disabled", 128, 32), {
+            "fit, noise scale off": make("disabled", 128, 32, noise=False),
+            "fit, noise scale on": make("disabled", 128, 32, noise=True)}),
+    }
+    data = datasets.build(make("disabled").data)
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}")
-    print(f"clock: {'wall' if args.wall else 'process CPU time'}")
-    print(f"digits MLP, batch 32, {steps} steps ({args.epochs} epochs, a validation pass per epoch), "
-          f"{args.repeats} interleaved repeats")
-    base = min(times["hand"])
-    print(f"hand-written loop:            {base:.3f} s fastest ({1e3 * base / steps:.3f} ms/step)")
-    for mode in configs:
-        fastest = min(times[mode])
-        print(f"training.fit, tracking {mode:8s}: {fastest:.3f} s fastest ({1e3 * fastest / steps:.3f} ms/step): "
-              f"{fastest / base:.3f}x fastest, {statistics.median(times[mode]) / statistics.median(times['hand']):.3f}x "
-              "median (goal <= 1.05x)")
-    print(f"W&B run start + finish (one-time, outside the loop): {statistics.median(ONE_TIME):.2f} s")
+          f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}; "
+          f"clock: {args.clock}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for scenario, (reference, variants) in scenarios.items():
+            steps_per_epoch = data.manifest["counts"]["train"] // reference.train.batch_size
+            times = {"hand": [], **{name: [] for name in variants}}
+            hand_written(reference, data, steps_per_epoch, 1)  # warm-up every path
+            for i, cfg in enumerate(variants.values()):
+                ours(cfg, data, Path(tmp) / f"warmup-{len(scenario)}-{i}")
+            for r in range(args.repeats):
+                runs = ["hand", *variants]
+                for name in runs if r % 2 == 0 else runs[::-1]:  # alternate: no loop always goes first
+                    if name == "hand":
+                        times[name].append(hand_written(reference, data, steps_per_epoch, args.epochs))
+                    else:
+                        run_dir = Path(tmp) / f"s{len(scenario)}-{list(variants).index(name)}-{r}"
+                        times[name].append(ours(variants[name], data, run_dir))
+            steps = steps_per_epoch * args.epochs
+            print(f"\ndigits MLP, {scenario}, {steps} steps ({args.epochs} epochs, a validation pass per epoch), "
+                  f"{args.repeats} interleaved repeats")
+            base = min(times["hand"])
+            print(f"  hand-written loop:         {base:.3f} s fastest ({1e3 * base / steps:.3f} ms/step)")
+            for name in variants:
+                fastest = min(times[name])
+                median_ratio = statistics.median(times[name]) / statistics.median(times["hand"])
+                print(f"  {name:26s} {fastest:.3f} s fastest ({1e3 * fastest / steps:.3f} ms/step): "
+                      f"{fastest / base:.3f}x fastest, {median_ratio:.3f}x median")
+    def batch32(epochs: int) -> Config:
+        cfg = make("disabled")
+        cfg.train.max_epochs = epochs
+        return cfg
+
+    slope = per_step_cost(batch32, data, max(3, args.repeats // 3))
+    print(f"\nper-step cost, batch 32, tracking disabled (slope between 5 and 25 epochs): hand-written "
+          f"{1e6 * slope['hand']:.1f} us, fit {1e6 * slope['fit']:.1f} us: {slope['fit'] / slope['hand']:.3f}x")
+    started = [t for t in ONE_TIME if t > 0]
+    if started:
+        print(f"W&B run start + finish (one-time, outside the loop): {statistics.median(started):.2f} s")
 
 
 if __name__ == "__main__":

@@ -224,9 +224,17 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
                 "epoch": step / plan.steps_per_epoch, "wall_time_s": round(elapsed(), 4), **extra}
 
     def evaluate() -> None:
-        nonlocal best_state, target_at
-        # in chunks of the training micro-batch: known to fit (no activations are kept for backward)
-        values = metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=micro)
+        nonlocal best_state, target_at, eval_chunk
+        while True:  # no activations are kept for backward, so big chunks usually fit; halve if not
+            try:
+                values = metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=eval_chunk)
+                break
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+                if not memory.is_oom(exc) or eval_chunk == 1:
+                    raise
+                traceback.clear_frames(exc.__traceback__)
+                memory.release_memory()
+                eval_chunk //= 2
         if noise is not None and noise.value is not None:
             values["gns/b_simple"] = noise.value
         had_target = stopper.target_step is not None
@@ -253,7 +261,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
 
-    train_loss, last_eval_step, last_flush = float("nan"), step, t0
+    train_loss, last_eval_step, last_flush, eval_chunk = float("nan"), step, t0, 4096
     loss_since_eval = [0.0, 0]  # sum, count
     while not finished and not stopper.should_stop and step < plan.max_steps:
         epoch, first_window = divmod(step, plan.steps_per_epoch)
