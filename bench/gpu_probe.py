@@ -120,8 +120,6 @@ def main() -> None:
         arrays[f"y_{split}"] = np.random.default_rng(0).integers(0, 10, size=size)
     data = Dataset(arrays, {"task": "classification", "n_classes": 10, "input_shape": [features],
                             "data_version": "synthetic", "counts": {"train": too_big}})
-    del x, y, model
-    torch.cuda.empty_cache() if not dry else None
     torch.manual_seed(0)
     net = wide_mlp(features, width, depth)
     if dry:  # no real allocator: inject the limit

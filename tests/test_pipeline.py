@@ -1,7 +1,5 @@
 """The real pipeline graph, compiled by kfp and run end to end by kfp's local runner."""
 
-import json
-import sys
 
 import numpy as np
 import pandas as pd
