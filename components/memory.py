@@ -34,7 +34,7 @@ import gc
 import math
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -68,6 +68,28 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+T = TypeVar("T")
+
+
+def halving_on_oom(run: Callable[[int], T], size: int, smaller: Callable[[int], int] = lambda s: s // 2,
+                   on_oom: Optional[Callable[[int, int], None]] = None) -> Tuple[T, int]:
+    """run(size); after an out-of-memory error, free what the failed attempt held and retry with
+    smaller(size), down to 1. Returns (result, the size that worked). `on_oom(old, new)` runs
+    before each retry (e.g. to clear accumulated gradients and record the event)."""
+    while True:
+        try:
+            return run(size), size
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+            if not is_oom(exc) or size == 1:
+                raise
+            traceback.clear_frames(exc.__traceback__)  # its frames hold the failed attempt's tensors
+        release_memory()
+        new = smaller(size)
+        if on_oom is not None:
+            on_oom(size, new)
+        size = new
 
 
 @dataclass

@@ -15,7 +15,6 @@ on shard `rank`; with one process that is the whole window.
 
 import math
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -225,16 +224,9 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
 
     def evaluate() -> None:
         nonlocal best_state, target_at, eval_chunk
-        while True:  # no activations are kept for backward, so big chunks usually fit; halve if not
-            try:
-                values = metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=eval_chunk)
-                break
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-                if not memory.is_oom(exc) or eval_chunk == 1:
-                    raise
-                traceback.clear_frames(exc.__traceback__)
-                memory.release_memory()
-                eval_chunk //= 2
+        # no activations are kept for backward, so big chunks usually fit; halve if not
+        values, eval_chunk = memory.halving_on_oom(
+            lambda chunk: metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=chunk), eval_chunk)
         if noise is not None and noise.value is not None:
             values["gns/b_simple"] = noise.value
         had_target = stopper.target_step is not None
@@ -272,25 +264,19 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.lr, t, plan.max_steps)
 
-            while True:
-                try:
-                    losses = accumulate_gradients(model, loss_fn, x_train, y_train, indices, micro,
-                                                  noise if micro < shard else None)
-                    break
-                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-                    if not memory.is_oom(exc) or micro == 1:
-                        raise
-                    # Out of memory (variable inputs, fragmentation): redo this step with half
-                    # the micro-batch and twice the accumulation: the same update.
-                    traceback.clear_frames(exc.__traceback__)  # its frames hold the failed tensors
-                    optimizer.zero_grad(set_to_none=True)
-                    memory.release_memory()
-                    smaller = largest_divisor_at_most(shard, micro // 2)
-                    oom_events.append({"step": step + 1, "from": micro, "to": smaller})
-                    micro = smaller
-                    if log:
-                        log.write(row({"event": "out_of_memory", "micro_batch_size": micro,
-                                       "accumulation_steps": shard // micro}))
+            def on_oom(old: int, new: int) -> None:
+                # Out of memory (variable inputs, fragmentation): redo this step with a smaller
+                # micro-batch and more accumulation: the same update, the same effective batch.
+                optimizer.zero_grad(set_to_none=True)
+                oom_events.append({"step": step + 1, "from": old, "to": new})
+                if log:
+                    log.write(row({"event": "out_of_memory", "micro_batch_size": new,
+                                   "accumulation_steps": shard // new}))
+
+            losses, micro = memory.halving_on_oom(
+                lambda m: accumulate_gradients(model, loss_fn, x_train, y_train, indices, m,
+                                               noise if m < shard else None),
+                micro, smaller=lambda m: largest_divisor_at_most(shard, m // 2), on_oom=on_oom)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
