@@ -63,7 +63,9 @@ def main() -> None:
         trial, budget = memory.cuda_trial(step, device), torch.cuda.mem_get_info(device)[1]
     margin, cap = 0.1, 1 << 21
     start = time.perf_counter()
-    fit = memory.find_max_micro_batch(trial, budget, margin, cap=cap)
+    start_at = memory.first_probe_batch(model, loss_fn, x, y, cap) if not dry else 8
+    fit = memory.find_max_micro_batch(trial, budget, margin, cap=cap, probe=start_at)
+    report["first_probe"] = start_at
     report["search"] = {"micro_batch": fit.micro_batch, "trials": fit.trials, "seconds": time.perf_counter() - start,
                         "reasoning": fit.reasoning, "budget_bytes": budget}
 

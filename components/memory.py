@@ -296,6 +296,25 @@ def cpu_trial(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Ten
     return trial
 
 
+def first_probe_batch(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, cap: int,
+                      at_least: int = 8) -> int:
+    """Where a search of real GPU memory should start: past the batch at which activations
+    outgrow the gradient buffers.
+
+    Measured on an H200: at small micro-batches the step's peak is set by the gradients (they are
+    allocated while backward frees activations), so the peak hardly grows with the batch; two
+    small probes then underestimate the per-sample cost ~15x and the search overshoots into
+    out-of-memory. The activations one sample keeps for backward are counted exactly here (on any
+    device) from two tiny forward passes, and the search starts where they are twice the
+    gradient bytes."""
+    measure = cpu_trial(model, loss_fn, x, y, optimizer_state_factor=0.0)
+    per_sample = (measure(2 * at_least) - measure(at_least)) / at_least
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if per_sample <= 0:
+        return min(at_least, cap)
+    return int(min(cap, max(at_least, math.ceil(2 * gradient_bytes / per_sample))))
+
+
 # ---------------------------------------------------------------- a fake device for tests
 
 

@@ -166,8 +166,9 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
         trial = memory.cuda_trial(step, device)
     else:
         trial = memory.cpu_trial(model, loss_fn, x, y, optimizer_state_factor=state_factor)
+    start_at = memory.first_probe_batch(model, loss_fn, x, y, cap) if device.type == "cuda" else 8
     try:
-        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap)
+        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap, probe=start_at)
     except memory.DoesNotFit as exc:
         raise ConfigError(f"probe: {exc}") from None
     if cfg.train.micro_batch_size != AUTO and cfg.train.micro_batch_size > fit.micro_batch:

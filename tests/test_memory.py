@@ -204,3 +204,35 @@ def test_the_search_over_cpu_measurements_keeps_within_the_budget():
     result = find_max_micro_batch(trial, budget)
     assert trial(result.micro_batch) <= 0.9 * budget < trial(result.micro_batch + 1)  # the exact largest
     assert 2990 <= result.micro_batch <= 3001 and len(result.trials) <= 3
+
+
+def test_the_first_probe_on_a_gpu_starts_where_activations_outgrow_the_gradients():
+    torch.manual_seed(0)
+    model = models.mlp((64,), 10, hidden_sizes=(128, 64))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    loss_fn = metrics.loss_fn("classification")
+    measure = memory.cpu_trial(model, loss_fn, x, y, optimizer_state_factor=0.0)
+    per_sample = (measure(16) - measure(8)) / 8
+    gradient_bytes = 4 * sum(p.numel() for p in model.parameters())
+    expected = -(-2 * gradient_bytes // per_sample)  # ceil
+    assert per_sample > 0 and expected > 8
+    assert memory.first_probe_batch(model, loss_fn, x, y, cap=1 << 20) == expected
+    assert memory.first_probe_batch(model, loss_fn, x, y, cap=100) == 100  # capped
+    assert all(p.grad is None for p in model.parameters())  # measuring trains nothing
+
+
+def test_a_search_starting_past_a_gradient_dominated_region_is_quick():
+    """A device whose peak is flat until activations outgrow the gradient buffers (as measured
+    on an H200): started at first_probe_batch's point, the search stays within 4 trials."""
+    budget, grads, per_sample = 140 * GiB, 1 * GiB, 532 * KiB
+
+    class GradientFloor(SimulatedDevice):
+        def peaks(self, b):
+            return self.fixed_bytes + torch.maximum(self.per_sample_bytes * b, torch.full_like(b, grads, dtype=torch.float64))
+
+    device = GradientFloor(budget, 1 * GiB, per_sample)
+    start = -(-2 * grads // per_sample)
+    result = find_max_micro_batch(device.trial, budget, cap=1 << 21, probe=start)
+    best = device.true_max(1 << 21, margin=0.1)
+    assert 0.95 * best <= result.micro_batch <= best and verified(result)
+    assert len(result.trials) <= 4, result.trials
