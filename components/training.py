@@ -253,6 +253,22 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
 
+    # One optimizer step's forward/backward at micro-batch m, over the current `indices`. Defined
+    # once, outside the hot loop; they read the loop's variables when called.
+    def micro_steps(m: int) -> List[torch.Tensor]:
+        return accumulate_gradients(model, loss_fn, x_train, y_train, indices, m, noise if m < shard else None)
+
+    def smaller_micro(m: int) -> int:
+        return largest_divisor_at_most(shard, m // 2)
+
+    def on_oom(old: int, new: int) -> None:
+        # Out of memory (variable inputs, fragmentation): redo this step with a smaller
+        # micro-batch and more accumulation: the same update, the same effective batch.
+        optimizer.zero_grad(set_to_none=True)
+        oom_events.append({"step": step + 1, "from": old, "to": new})
+        if log:
+            log.write(row({"event": "out_of_memory", "micro_batch_size": new, "accumulation_steps": shard // new}))
+
     train_loss, last_eval_step, last_flush, eval_chunk = float("nan"), step, t0, 4096
     loss_since_eval = [0.0, 0]  # sum, count
     while not finished and not stopper.should_stop and step < plan.max_steps:
@@ -264,19 +280,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.lr, t, plan.max_steps)
 
-            def on_oom(old: int, new: int) -> None:
-                # Out of memory (variable inputs, fragmentation): redo this step with a smaller
-                # micro-batch and more accumulation: the same update, the same effective batch.
-                optimizer.zero_grad(set_to_none=True)
-                oom_events.append({"step": step + 1, "from": old, "to": new})
-                if log:
-                    log.write(row({"event": "out_of_memory", "micro_batch_size": new,
-                                   "accumulation_steps": shard // new}))
-
-            losses, micro = memory.halving_on_oom(
-                lambda m: accumulate_gradients(model, loss_fn, x_train, y_train, indices, m,
-                                               noise if m < shard else None),
-                micro, smaller=lambda m: largest_divisor_at_most(shard, m // 2), on_oom=on_oom)
+            losses, micro = memory.halving_on_oom(micro_steps, micro, smaller_micro, on_oom)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
