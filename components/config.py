@@ -27,6 +27,7 @@ SCHEDULES = ("constant", "cosine")
 MODES = ("max", "min")
 TRACKING_MODES = ("offline", "online", "disabled")
 PLATFORMS = ("local",)
+PIPELINES = ("train", "study")
 DEVICES = ("auto", "cpu", "cuda")
 # What the evaluation computes, per task; `eval.monitor` must name one of these.
 VAL_METRICS = {
@@ -130,6 +131,27 @@ class ProbeConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The convergence study (pipeline=study): runs that differ only in the effective batch (and
+    its LR), each trained until eval.target or its budget; then the fit of the critical batch."""
+
+    # Effective batch sizes to compare. null: powers of two around the probe's recommendation,
+    # `ladder_doublings` each way, from probe.min_batch_size up to half the training split.
+    batch_sizes: Optional[List[int]] = None
+    ladder_doublings: int = 3
+    seeds: int = 1  # repeats per batch size: train.seed, train.seed + 1, ...
+    # Multipliers of the scaled LR tried at every batch size, e.g. [0.5, 1, 2]: re-tuning the LR
+    # per batch is what makes the comparison fair. The multiplier reaching the target in the
+    # fewest steps represents its batch. null: only the LR that train.lr_scaling gives.
+    lr_grid: Optional[List[float]] = None
+    max_epochs: int = 30  # budget of each run (replaces train.max_epochs)
+    max_steps: Optional[int] = None
+    # Steps to target are measured at evaluations: this many per epoch bounds their error.
+    evals_per_epoch: int = 8
+    parallelism: int = 4  # runs at once on a cluster; kfp's local runner runs them one by one
+
+
+@dataclass
 class GpuConfig:
     type: str = "nvidia.com/gpu"  # the accelerator resource the probe and train pods request
     count: int = 0  # 0: CPU pods
@@ -151,6 +173,8 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    pipeline: str = "train"  # train: one run; study: compare batch sizes (conf/pipeline/)
     output_dir: str = "runs"
     run_id: Optional[str] = None
 
@@ -249,7 +273,10 @@ def validate(cfg: Config) -> None:
     for key in ("max_epochs", "base_batch_size"):
         value = getattr(t, key)
         _check(value > 0, f"train.{key}", f"must be > 0; got {value}")
-    if cfg.batch_sizes_decided:
+    if cfg.pipeline == "study":  # each run's batch comes from the study; train.micro_batch_size caps its micro-batch
+        _check(cfg.probe.enabled or bool(cfg.study.batch_sizes), "study.batch_sizes",
+               "with probe.enabled=false, list the batch sizes to compare, e.g. study.batch_sizes=[16,64,256]")
+    elif cfg.batch_sizes_decided:
         _check(t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
                f"micro-batch {t.micro_batch_size} is larger than the effective batch {t.batch_size}")
         per_update = t.micro_batch_size * cfg.world_size
@@ -286,6 +313,19 @@ def validate(cfg: Config) -> None:
     _check(p.noise_accumulation >= 2, "probe.noise_accumulation", f"must be >= 2; got {p.noise_accumulation}")
     _check(p.warmup_steps >= 0, "probe.warmup_steps", f"must be >= 0; got {p.warmup_steps}")
 
+    s = cfg.study
+    _one_of(cfg.pipeline, PIPELINES, "pipeline")
+    if cfg.pipeline == "study":
+        _check(e.target is not None, "eval.target", "the study measures steps to a target; set eval.target "
+               f"(a value of {e.monitor} every batch size should reach)")
+    _check(s.batch_sizes is None or (len(s.batch_sizes) > 0 and all(b > 0 for b in s.batch_sizes)),
+           "study.batch_sizes", f"must be positive sizes or null; got {s.batch_sizes}")
+    _check(s.lr_grid is None or (len(s.lr_grid) > 0 and all(m > 0 for m in s.lr_grid)), "study.lr_grid",
+           f"must be positive multipliers or null; got {s.lr_grid}")
+    for key in ("ladder_doublings", "seeds", "max_epochs", "evals_per_epoch", "parallelism"):
+        _check(getattr(s, key) > 0, f"study.{key}", f"must be > 0; got {getattr(s, key)}")
+    _check(s.max_steps is None or s.max_steps > 0, "study.max_steps", f"must be > 0 or null; got {s.max_steps}")
+
     _one_of(cfg.tracking.mode, TRACKING_MODES, "tracking.mode")
     _check(cfg.tracking.log_every_steps is None or cfg.tracking.log_every_steps > 0, "tracking.log_every_steps",
            f"must be > 0 or null; got {cfg.tracking.log_every_steps}")
@@ -295,6 +335,11 @@ def validate(cfg: Config) -> None:
     if cfg.run_id is not None:
         _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The micro-batch for a batch of n when at most `limit` fit: it must divide n exactly."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:

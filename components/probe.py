@@ -23,7 +23,8 @@ from typing import Dict, List
 import torch
 
 from components import datasets, memory, metrics, models, noise_scale, storage, training
-from components.config import AUTO, Config, config_hash, load_config_file, parse_config, with_batch_sizes
+from components.config import (AUTO, Config, config_hash, largest_divisor_at_most, load_config_file, parse_config,
+                               with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
 from components.tracking import Tracker
 
@@ -107,7 +108,7 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
         if t.micro_batch_size != AUTO:
             micro = t.micro_batch_size
         else:  # the fastest measured micro-batch that divides the batch (accumulating the rest)
-            fitting = {training.largest_divisor_at_most(per_rank, fit)} | {b for b in rungs if per_rank % b == 0}
+            fitting = {largest_divisor_at_most(per_rank, fit)} | {b for b in rungs if per_rank % b == 0}
             micro = max(fitting, key=lambda b: (throughput_at(ladder, b), b))
         samples_per_s = throughput_at(ladder, micro) * world
         efficiency = 1.0 / (1.0 + batch / b_noise)  # relative samples-to-target: E_min / E(B)
@@ -122,6 +123,8 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
 def decision(result: Dict) -> Dict:
     """The part of probe.json the later steps carry into the summary: what was chosen and why."""
     return {"recommendation": result["recommendation"], "b_simple": result["noise_scale"]["b_simple"],
+            "b_simple_spread": result["noise_scale"]["spread"],
+            "max_micro_batch_size": result["memory"]["micro_batch_size"], "device": result["device"],
             "reasoning": result["reasoning"]}
 
 

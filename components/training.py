@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from components import early_stopping, memory, metrics, noise_scale, storage
-from components.config import Config, TrainConfig, config_hash
+from components.config import Config, TrainConfig, config_hash, largest_divisor_at_most
 from components.datasets import Dataset
 from components.errors import ConfigError
 from components.tracking import Tracker
@@ -102,10 +102,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but no CUDA device is available")
     return torch.device(name)
-
-
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,

@@ -1,10 +1,37 @@
-"""The pipeline graphs, built in one place: data_prep -> probe -> train -> evaluate."""
+"""The pipeline graphs, built in one place.
+
+train: data_prep -> probe -> train -> evaluate
+study: data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
+"""
 
 from kfp import dsl
 
 from pipelines.steps import make_steps
 
 TRAIN_PIPELINE = "convergence-train"
+STUDY_PIPELINE = "convergence-study"
+
+
+def build_pipeline(config: dict):
+    """The pipeline that `config["pipeline"]` names, for a resolved config."""
+    return {"train": train_pipeline, "study": study_pipeline}[config["pipeline"]](config)
+
+
+def _gpu_request(config: dict):
+    gpu = config["platform"]["gpu"]
+
+    def on_gpu(task):
+        if gpu["count"]:  # carried into the compiled YAML; kfp's local runner ignores it
+            task.set_accelerator_type(gpu["type"]).set_accelerator_limit(gpu["count"])
+        return task
+
+    return on_gpu
+
+
+def _probe(steps, on_gpu, config_json, run_dir, prep):
+    probe = on_gpu(steps.probe(config_json=config_json, run_dir=run_dir, dataset=prep.outputs["dataset"]))
+    probe.set_caching_options(False)  # measures this hardware now
+    return probe
 
 
 def train_pipeline(config: dict):
@@ -12,22 +39,16 @@ def train_pipeline(config: dict):
     string, and the run directory every step writes its outputs to. The probe task exists
     when `probe.enabled`; otherwise the batch sizes come from the config as numbers."""
     steps = make_steps(config["platform"]["image"])
-    gpu = config["platform"]["gpu"]
+    on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]
     fixed = config["train"]
-
-    def on_gpu(task):
-        if gpu["count"]:  # carried into the compiled YAML; kfp's local runner ignores it
-            task.set_accelerator_type(gpu["type"]).set_accelerator_limit(gpu["count"])
-        return task
 
     @dsl.pipeline(name=TRAIN_PIPELINE, description="data_prep -> probe -> train -> evaluate: the batch that fits "
                   "and is worth it, gradient accumulation, early stopping")
     def pipeline(config_json: str, run_dir: str):
         prep = steps.data_prep(config_json=config_json)
         if probe_enabled:
-            probe = on_gpu(steps.probe(config_json=config_json, run_dir=run_dir, dataset=prep.outputs["dataset"]))
-            probe.set_caching_options(False)  # measures this hardware now
+            probe = _probe(steps, on_gpu, config_json, run_dir, prep)
             batch, micro, decision = (probe.outputs[k] for k in ("batch_size", "micro_batch_size", "decision"))
         else:
             batch, micro, decision = fixed["batch_size"], fixed["micro_batch_size"], ""
@@ -38,5 +59,29 @@ def train_pipeline(config: dict):
                                   model=train.outputs["model"])
         for task in (train, evaluate):
             task.set_caching_options(False)  # they write into run_dir; train resumes from it
+
+    return pipeline
+
+
+def study_pipeline(config: dict):
+    """The convergence study: the probe (when enabled) centres the batch ladder and sets the
+    micro-batch; the plan's runs fan out with ParallelFor (`study.parallelism` at once on a
+    cluster) and the report step collects their rows."""
+    steps = make_steps(config["platform"]["image"])
+    on_gpu = _gpu_request(config)
+    probe_enabled = config["probe"]["enabled"]
+
+    @dsl.pipeline(name=STUDY_PIPELINE, description="steps, samples and time to target across batch sizes; "
+                  "the critical batch size; a report")
+    def pipeline(config_json: str, run_dir: str):
+        prep = steps.data_prep(config_json=config_json)
+        decision = _probe(steps, on_gpu, config_json, run_dir, prep).outputs["decision"] if probe_enabled else ""
+        plan = steps.study_plan(config_json=config_json, probe_decision=decision, dataset=prep.outputs["dataset"])
+        with dsl.ParallelFor(items=plan.output, parallelism=config["study"]["parallelism"]) as run:
+            trained = on_gpu(steps.study_run(run_json=run, study_dir=run_dir, dataset=prep.outputs["dataset"]))
+            trained.set_caching_options(False)  # writes into run_dir; resumes from its checkpoints
+        report = steps.study_report(config_json=config_json, study_dir=run_dir, rows=dsl.Collected(trained.output),
+                                    probe_decision=decision)
+        report.set_caching_options(False)
 
     return pipeline

@@ -13,7 +13,7 @@ import time
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 from unittest import mock
 
 from components.errors import ERROR_MARKER
@@ -68,7 +68,8 @@ def failure_line(log_path: Path) -> Optional[str]:
 
 
 class ProgressWatcher:
-    """A tqdm bar in this process that follows the train step through its metrics.jsonl."""
+    """A tqdm bar in this process that follows the training run in progress through its
+    metrics.jsonl: the run directory's own, or each of a study's runs (runs/*/) in turn."""
 
     def __init__(self, run_dir: Path, interval_s: float = 0.2):
         self.run_dir, self.interval_s = run_dir, interval_s
@@ -82,33 +83,45 @@ class ProgressWatcher:
         self._stop.set()
         self._thread.join()
 
-    def _planned_steps(self) -> Optional[int]:
+    @staticmethod
+    def _planned_steps(run_dir: Path) -> Optional[int]:
+        """The run's planned steps while it is training; None before and after."""
         try:
-            summary = json.loads((self.run_dir / "summary.json").read_text())
+            summary = json.loads((run_dir / "summary.json").read_text())
         except (OSError, ValueError):
             return None
         return summary.get("planned_steps") if summary.get("status") == "running" else None
+
+    def _training_now(self) -> Optional[Tuple[Path, int]]:
+        for run_dir in [self.run_dir, *sorted((self.run_dir / "runs").glob("*/"))]:
+            total = self._planned_steps(run_dir)
+            if total is not None and (run_dir / "metrics.jsonl").exists():
+                return run_dir, total
+        return None
 
     def _follow(self) -> None:
         import sys
 
         from tqdm import tqdm
 
-        bar, offset, metrics_path = None, 0, self.run_dir / "metrics.jsonl"
+        bar, run_dir, offset = None, None, 0
         while True:
             stopping = self._stop.wait(self.interval_s)
-            if bar is None:
-                total = self._planned_steps()
-                if total is None or not metrics_path.exists():  # not training yet
-                    if stopping:
-                        return
-                    continue
-                bar = tqdm(total=total, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True,
+            if bar is not None and self._planned_steps(run_dir) is None:  # that run has finished
+                self._advance(bar, run_dir / "metrics.jsonl", offset)
+                bar.close()
+                bar = None
+            if bar is None and (found := self._training_now()):
+                run_dir, total = found
+                desc = "train" if run_dir == self.run_dir else run_dir.name
+                bar = tqdm(total=total, unit="step", desc=desc, file=sys.stderr, dynamic_ncols=True,
                            disable=None)  # no bar when stderr is not a terminal (CI logs)
                 offset = 0
-            offset = self._advance(bar, metrics_path, offset)
+            if bar is not None:
+                offset = self._advance(bar, run_dir / "metrics.jsonl", offset)
             if stopping:
-                bar.close()
+                if bar is not None:
+                    bar.close()
                 return
 
     @staticmethod

@@ -4,10 +4,10 @@ source alone into its container; the image (Dockerfile) has this package install
 
 import functools
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
 def data_prep(config_json: str, dataset: Output[Dataset]):
@@ -73,10 +73,50 @@ def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: 
     return json.dumps(summary)
 
 
+def study_plan(config_json: str, probe_decision: str, dataset: Input[Dataset]) -> List[str]:
+    import json
+    from pathlib import Path
+
+    from components import storage, study
+    from components.errors import user_errors_as_one_line
+
+    with user_errors_as_one_line():
+        n_train = storage.read_json(Path(dataset.path) / "manifest.json")["counts"]["train"]
+        runs = study.plan(json.loads(config_json), n_train, json.loads(probe_decision) if probe_decision else None)
+    print("study: " + ", ".join(run["name"] for run in runs))
+    return [json.dumps(run) for run in runs]
+
+
+def study_run(run_json: str, study_dir: str, dataset: Input[Dataset]) -> str:
+    import json
+
+    from components import study
+
+    row = study.run_one(json.loads(run_json), dataset.path, study_dir)
+    if row["status"] == "failed":
+        print(f"study: run {row['name']} failed: {row['error']}")
+    return json.dumps(row)
+
+
+def study_report(config_json: str, study_dir: str, rows: List[str], probe_decision: str, report: Output[HTML]) -> str:
+    import json
+    import shutil
+
+    from components import study
+    from components.errors import user_errors_as_one_line
+
+    with user_errors_as_one_line():
+        result = study.report(json.loads(config_json), [json.loads(r) for r in rows], study_dir,
+                              json.loads(probe_decision) if probe_decision else None)
+    shutil.copyfile(result["report"], report.path)  # shown in the KFP UI
+    return json.dumps({k: result[k] for k in ("study_id", "fit", "best", "answer")})
+
+
 @functools.lru_cache(maxsize=None)
 def make_steps(image: str) -> SimpleNamespace:
     """The steps as KFP components running in `image`. The image already holds kfp and
     this project, so nothing is pip-installed when a pod starts."""
     component = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
     return SimpleNamespace(data_prep=component(data_prep), probe=component(probe), train=component(train),
-                           evaluate=component(evaluate))
+                           evaluate=component(evaluate), study_plan=component(study_plan),
+                           study_run=component(study_run), study_report=component(study_report))

@@ -5,10 +5,12 @@
     python -m pipelines.submit data=file data.path=my.csv data.target=label
     python -m pipelines.submit run_id=my-run                    # run again to resume it
     python -m pipelines.submit --compile-only                   # just write the pipeline YAML
+    python -m pipelines.submit pipeline=study                   # compare batch sizes: the convergence study
 
 Overrides are Hydra's (key=value, group=option, +key=value). Outputs go to
 <output_dir>/<run_id>/: config.yaml, pipeline.yaml, pipeline.log, metrics.jsonl, model.pt,
-summary.json, checkpoints/, wandb/ and kfp/ (the task artifacts).
+summary.json, checkpoints/, wandb/ and kfp/ (the task artifacts). A study writes study.json,
+report.html and its PNGs, probe.json, and a directory per run under runs/.
 """
 
 import argparse
@@ -23,6 +25,7 @@ import yaml
 from components import storage
 from components.config import config_hash, parse_config
 from components.errors import ConfigError, DataError, UserInputError
+from components.study import RUNS_DIR, STUDY_FILE
 from pipelines import graph
 from pipelines.config import compose_config
 from pipelines.local import LOG_FILE, PipelineFailed, run_locally
@@ -56,7 +59,7 @@ def prepare(overrides) -> tuple:
 def compile_pipeline(config: dict, package_path: Path):
     from kfp import compiler
 
-    pipeline = graph.train_pipeline(config)
+    pipeline = graph.build_pipeline(config)
     package_path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(package_path))
     return pipeline
@@ -106,6 +109,34 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         print(f"W&B (offline): upload later with `wandb sync {summary['wandb_dir']}`")
 
 
+def print_study(study: dict, study_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def med(spread, fmt="{:,.0f}"):
+        return "-" if spread is None else fmt.format(spread["median"])
+
+    t = study["target"]
+    table = Table(title=f"study {study['study_id']}: to {t['metric']} {t['value']:g}", title_justify="left")
+    for column in ("batch", "lr", "hit", "steps", "samples", "epochs", "time s", "test", "regime"):
+        table.add_column(column, justify="left" if column == "regime" else "right")
+    for b in study["batches"]:
+        test = b["test_metric"]
+        table.add_row(str(b["batch_size"]), f"{b['lr']:.3g}" if b["lr"] else "-", f"{b['reached']}/{b['seeds']}",
+                      med(b["steps_to_target"]), med(b["samples_to_target"]), med(b["epochs_to_target"], "{:.2g}"),
+                      med(b["time_to_target_s"], "{:.2f}"), f"{test['mean']:.4g}" if test else "-", b["regime"] or "-")
+    console = Console(width=None if sys.stdout.isatty() else 110)  # rich assumes 80 columns in logs
+    console.print(table)
+    for line in study["answer"]:
+        print(f"- {line}")
+    print(f"report: {study_dir / 'report.html'}")  # plain prints: paths must not be wrapped
+    if study.get("wandb_dir"):
+        print(f"W&B (offline, group {study['study_id']}): upload later with "
+              f"`wandb sync {study_dir}/wandb/offline-run-* {study_dir}/{RUNS_DIR}/*/wandb/offline-run-*`")
+    if study.get("wandb_report"):
+        print(f"W&B report: {study['wandb_report']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,10 +154,12 @@ def main(argv=None) -> int:
         storage.write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         pipeline = compile_pipeline(config, run_dir / "pipeline.yaml")
         if args.compile_only:
-            print(f"compiled {graph.TRAIN_PIPELINE} to {run_dir / 'pipeline.yaml'}")
+            print(f"compiled the {config['pipeline']} pipeline to {run_dir / 'pipeline.yaml'}")
             return 0
-        steps = "data_prep -> probe -> train -> evaluate" if config["probe"]["enabled"] else "data_prep -> train -> evaluate"
-        print(f"run {config['run_id']}: {steps} with kfp's local runner "
+        probe = "probe -> " if config["probe"]["enabled"] else ""
+        steps = f"data_prep -> {probe}" + ("train -> evaluate" if config["pipeline"] == "train" else
+                                           "a training run per batch size -> report")
+        print(f"{config['pipeline']} {config['run_id']}: {steps} with kfp's local runner "
               f"(log: {run_dir / LOG_FILE})", flush=True)
         run_locally(pipeline, {"config_json": json.dumps(config), "run_dir": str(run_dir)}, run_dir,
                     progress=not args.no_progress)
@@ -139,7 +172,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         print(f"full log: {run_dir / LOG_FILE}", file=sys.stderr)
         return 2
-    print_summary(storage.read_json(run_dir / "summary.json"), run_dir)
+    if config["pipeline"] == "study":
+        print_study(storage.read_json(run_dir / STUDY_FILE), run_dir)
+    else:
+        print_summary(storage.read_json(run_dir / "summary.json"), run_dir)
     return 0
 
 

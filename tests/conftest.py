@@ -6,6 +6,10 @@ import pytest
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
+# One torch thread here and in the pipeline's task processes: the tests' models are tiny, and on
+# a 2-core machine shared with anything else, 2 threads wait on each other at every op (measured:
+# a step went from ~0.7 ms to over 100 ms while another process kept one core busy).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from components import datasets  # noqa: E402
 from components.config import Config, parse_config  # noqa: E402

@@ -1,0 +1,196 @@
+"""The convergence study: the plan of runs, the aggregation and answer, and the whole study
+through kfp's local runner on digits."""
+
+import base64
+import math
+import re
+
+import pytest
+import yaml
+
+from components import storage, study
+from components.config import Config
+from components.errors import ConfigError, DataError
+from pipelines import submit
+from pipelines.config import compose_config
+
+PROBE = {"recommendation": {"effective_batch_size": 64}, "b_simple": 150.0, "b_simple_spread": 20.0,
+         "max_micro_batch_size": 24, "device": "cpu"}
+
+
+def study_config(**study_keys) -> dict:
+    raw = compose_config(["pipeline=study", "run_id=s1", "tracking.mode=disabled"])
+    raw["study"].update(study_keys)
+    return raw
+
+
+def test_default_ladder_is_centred_on_the_probe_and_clipped_to_the_data():
+    config = study_config()
+    assert study.batch_ladder(config, 1259, PROBE) == [8, 16, 32, 64, 128, 256, 512]  # 64 / 8 .. 64 x 8
+    assert study.batch_ladder(config, 300, PROBE) == [8, 16, 32, 64, 128]  # up to half the split
+    config["study"]["ladder_doublings"] = 1
+    assert study.batch_ladder(config, 1259, PROBE) == [32, 64, 128]
+    config["study"]["batch_sizes"] = [256, 16, 16, 64]
+    assert study.batch_ladder(config, 1259, None) == [16, 64, 256]
+    config["study"]["batch_sizes"] = None
+    with pytest.raises(Exception, match="study.batch_sizes: give the batch sizes"):
+        study.batch_ladder(config, 1259, None)
+
+
+def test_plan_fixes_micro_batch_accumulation_lr_and_evaluation_per_run():
+    config = study_config(batch_sizes=[16, 96], seeds=2, lr_grid=[0.5, 2.0], evals_per_epoch=4)
+    runs = study.plan(config, 1259, PROBE)
+    assert [r["name"] for r in runs] == ["b16-lr0.5x-s0", "b16-lr0.5x-s1", "b16-lr2x-s0", "b16-lr2x-s1",
+                                         "b96-lr0.5x-s0", "b96-lr0.5x-s1", "b96-lr2x-s0", "b96-lr2x-s1"]
+    by_name = {r["name"]: r["config"] for r in runs}
+    big = by_name["b96-lr2x-s1"]
+    # micro-batch: the largest that fits (24 from the probe) and divides the batch
+    assert (big["train"]["batch_size"], big["train"]["micro_batch_size"]) == (96, 24)
+    assert by_name["b16-lr0.5x-s0"]["train"]["micro_batch_size"] == 16
+    assert big["train"]["lr"] == pytest.approx(0.05 * 2.0)  # the multiplier; lr_scaling applies on top
+    assert big["train"]["seed"] == 1 and big["train"]["max_epochs"] == 30
+    assert big["eval"]["every_steps"] == round((1259 // 96) / 4) and big["eval"]["target"] == 0.95
+    assert by_name["b16-lr0.5x-s0"]["eval"]["every_steps"] == round((1259 // 16) / 4)
+    assert big["eval"]["patience"] == study.NEVER  # stop at the target or the budget
+    assert big["run_id"] == "s1-b96-lr2x-s1" and big["tracking"]["group"] == "s1"
+    assert big["pipeline"] == "train" and big["probe"]["enabled"] is False
+    assert config["train"]["batch_size"] == "auto"  # the study's own config is untouched
+
+
+def test_plan_refuses_a_batch_larger_than_the_training_split():
+    with pytest.raises(DataError, match="batch 4096 is larger than the training split"):
+        study.plan(study_config(batch_sizes=[64, 4096]), 1259, PROBE)
+
+
+def test_a_study_needs_a_target():
+    with pytest.raises(ConfigError, match="^eval.target: the study measures steps to a target"):
+        compose_config(["pipeline=study", "eval.target=null"])
+    with pytest.raises(ConfigError, match="^study.seeds: must be > 0"):
+        compose_config(["pipeline=study", "study.seeds=0"])
+    with pytest.raises(ConfigError, match="^study.batch_sizes: with probe.enabled=false, list the batch sizes"):
+        compose_config(["pipeline=study", "probe.enabled=false"])
+
+
+def _row(batch, steps, seed=0, multiplier=1.0, best=0.96, test=0.95, n_train=1259):
+    reached = steps is not None
+    return {"name": study.run_name(batch, multiplier, seed), "run_dir": f"runs/{batch}", "batch_size": batch,
+            "lr_multiplier": multiplier, "seed": seed, "status": "completed", "micro_batch_size": batch,
+            "accumulation_steps": 1, "lr": 0.05 * batch / 32 * multiplier, "reached_target": reached,
+            "steps_to_target": steps, "samples_to_target": steps * batch if reached else None,
+            "epochs_to_target": steps * batch / n_train if reached else None,
+            "time_to_target_s": steps * (0.001 + batch * 1e-5) if reached else None, "best_metric": best,
+            "test_metric": test, "stop_reason": "target_reached" if reached else "max_epochs",
+            "optimizer_steps": steps or 500, "samples_seen": (steps or 500) * batch, "wall_time_s": 1.0,
+            "gns_b_simple": None, "data_version": "d1"}
+
+
+def test_summary_fits_the_critical_batch_and_answers_in_plain_language():
+    s_min, b_crit = 40.0, 200.0
+    rows = [_row(b, round(s_min * (1 + b_crit / b))) for b in (16, 32, 64, 128, 256, 512, 1024)]
+    rows.append(_row(64, 2000, multiplier=0.25))  # an LR-grid alternative that is slower
+    rows.append(_row(2048, None))  # missed the target within its budget
+    result = study.summarize(study_config(lr_grid=[0.25, 1.0]), rows, PROBE)
+    assert result["fit"]["error"] is None
+    assert result["fit"]["b_crit"] == pytest.approx(b_crit, rel=0.05)
+    assert result["fit"]["s_min"] == pytest.approx(s_min, rel=0.05)
+    by_batch = {b["batch_size"]: b for b in result["batches"]}
+    assert by_batch[64]["lr_multiplier"] == 1.0 and by_batch[64]["steps_to_target"]["median"] == 165
+    assert [r["selected"] for r in rows if r["batch_size"] == 64] == [True, False]
+    assert by_batch[2048]["reached"] == 0 and by_batch[2048]["steps_to_target"] is None
+    assert by_batch[16]["regime"] == "perfect scaling" and by_batch[1024]["regime"] == "no further gain"
+    assert by_batch[200 if 200 in by_batch else 256]["regime"] == "diminishing returns"
+    # fewest samples at the smallest batch; fastest where steps x step time is least
+    times = {b: round(s_min * (1 + b_crit / b)) * (0.001 + b * 1e-5) for b in (16, 32, 64, 128, 256, 512, 1024)}
+    assert result["best"]["samples"]["batch_size"] == 16
+    assert result["best"]["time"]["batch_size"] == min(times, key=times.get)
+    text = "\n".join(result["answer"])
+    assert f"Batch {min(times, key=times.get)} reaches val/accuracy 0.95 fastest" in text
+    assert re.search(r"B_crit ~ (19\d|20\d) ", text) and "saves fewer than 25% of the steps" in text
+    assert "costs over 50% more samples" in text
+    assert "Batch 2048 did not reach val/accuracy 0.95 within the budget" in text
+    assert "one seed per batch" in text and "LR re-tuned per batch" in text
+    assert result["probe"]["b_simple"] == 150.0 and result["target"]["value"] == 0.95
+
+
+def test_summary_without_enough_runs_reaching_the_target_keeps_the_rows_and_says_why():
+    rows = [_row(16, 300), _row(64, 90), _row(256, None), _row(512, None)]
+    result = study.summarize(study_config(), rows, None)
+    assert "at least 3" in result["fit"]["error"] and len(result["runs"]) == 4
+    assert any(line.startswith("No fit of the critical batch: ") for line in result["answer"])
+    nobody = study.summarize(study_config(), [_row(16, None), _row(64, None)], None)
+    assert "no run reached the target" in nobody["fit"]["error"]
+    assert nobody["best"] == {"time": None, "samples": None}
+    assert nobody["answer"][0].startswith("No batch size reached val/accuracy 0.95")
+
+
+def test_the_generalization_check_uses_the_seed_spread():
+    rows = [_row(b, round(40 * (1 + 200 / b)), seed=s, test=t)
+            for b, tests in ((16, (0.96, 0.962)), (64, (0.958, 0.96)), (512, (0.90, 0.91)))
+            for s, t in enumerate(tests)]
+    result = study.summarize(study_config(seeds=2), rows, None)
+    line = result["answer"][-1]
+    assert line.startswith("Generalization at the target: largest batch 512 has test/accuracy 0.905 vs best 0.961 "
+                           "at batch 16 (-0.056)")
+    assert "beyond twice the seed-to-seed spread" in line
+
+
+def test_compiled_study_fans_out_the_runs_and_collects_them(tmp_path):
+    assert submit.main(["--compile-only", "pipeline=study", f"output_dir={tmp_path}", "run_id=c",
+                        "study.parallelism=3", "platform.gpu.count=1"]) == 0
+    spec = yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"data-prep", "probe", "study-plan", "for-loop-1", "study-report"}
+    loop = tasks["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--study-plan-Output"
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 3
+    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(inner) == {"study-run"}
+    report_rows = tasks["study-report"]["inputs"]["parameters"]["rows"]["taskOutputParameter"]
+    assert report_rows["producerTask"] == "for-loop-1"
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors["exec-study-run"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert "resources" not in executors["exec-study-report"]["container"]
+    assert "convergence-study" in (tmp_path / "c" / "pipeline.yaml").read_text()
+
+
+def test_small_study_on_digits_end_to_end(tmp_path, monkeypatch, capsys):
+    """Three batch sizes through kfp's local runner: study.json, the report with its images
+    embedded, and W&B offline runs grouped by the study id."""
+    monkeypatch.delenv("WANDB_MODE")  # the default: W&B offline
+    args = ["pipeline=study", f"output_dir={tmp_path / 'runs'}", "run_id=mini", "probe.enabled=false",
+            "train.micro_batch_size=64", "study.batch_sizes=[16,64,256]",
+            "eval.target=0.9", "study.max_epochs=40", "--no-progress"]
+    assert submit.main(args) == 0
+    study_dir = tmp_path / "runs" / "mini"
+    result = storage.read_json(study_dir / "study.json")
+    assert [b["batch_size"] for b in result["batches"]] == [16, 64, 256]
+    assert all(b["reached"] == 1 for b in result["batches"])
+    for r in result["runs"]:
+        summary = storage.read_json(study_dir / r["run_dir"] / "summary.json")
+        assert summary["effective_batch_size"] == r["batch_size"] and summary["stop_reason"] == "target_reached"
+        assert summary["micro_batch_size"] == min(64, r["batch_size"])  # 256 = 64 x 4
+        assert r["samples_to_target"] == r["steps_to_target"] * r["batch_size"]
+        assert r["epochs_to_target"] == pytest.approx(r["samples_to_target"] / 1259)
+    steps = [b["steps_to_target"]["median"] for b in result["batches"]]
+    assert steps[0] > steps[1] > steps[2]  # bigger batches need fewer steps ...
+    samples = [b["samples_to_target"]["median"] for b in result["batches"]]
+    assert samples[2] > samples[0]  # ... and more samples
+    assert result["fit"]["error"] is None and 0 < result["fit"]["b_crit"] < math.inf
+    assert result["runs"][2]["gns_b_simple"] is not None  # 256 = 64 x 4 tracks the noise scale
+
+    html = (study_dir / "report.html").read_text()
+    images = re.findall(r'data:image/png;base64,([A-Za-z0-9+/=]+)', html)
+    assert len(images) >= 5 and all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    assert result["answer"][0].split(":")[0] in html
+    assert (study_dir / "steps_to_target.png").exists()
+
+    offline = sorted(p.name.split("-mini-", 1)[1] for p in study_dir.glob("runs/*/wandb/offline-run-*"))
+    assert offline == sorted(f"{name}-{job}" for name in ("b16-lr1x-s0", "b64-lr1x-s0", "b256-lr1x-s0")
+                             for job in ("train", "evaluate"))
+    assert list(study_dir.glob("wandb/offline-run-*-mini-study"))
+    out = capsys.readouterr().out
+    assert "study mini" in out and f"report: {study_dir / 'report.html'}" in out and "wandb sync" in out
+
+
+def test_default_config_is_not_a_study():
+    assert Config().pipeline == "train"
