@@ -27,6 +27,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_loop_overhead.py
 	$(PY) bench/default_run.py
+	$(PY) bench/study_vs_sweep.py
+	# bench/probe_vs_lightning.py needs lightning in a separate venv (see its docstring)
 
 clean:
 	rm -rf $(VENV) runs

@@ -53,7 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", default="bench/results/study_vs_sweep.json")
+    parser.add_argument("--study-seeds", type=int, default=1, help="study.seeds for the study (default 1)")
+    parser.add_argument("--out", default=f"bench/results/study_vs_sweep_{time.strftime('%Y-%m-%d')}.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # steadier on a shared 2-core machine; both sides alike
 
@@ -70,6 +71,7 @@ def main() -> None:
     result = probe.run(base, str(dataset), str(work / "probe-out.json"), str(work / "study"))
     decision = probe.decision(result)
     probe_s = time.perf_counter() - start
+    base["study"]["seeds"] = args.study_seeds
     ours, ours_s = run_all(base, dataset, work / "study", n_train, decision)
     ours_s += probe_s
     print(f"study: probe {probe_s:.1f} s (B_simple {decision['b_simple']:.0f}, recommends "
@@ -116,11 +118,13 @@ def main() -> None:
         f"{ratio:.2f}x (goal <= 1.2x)",
     ]
     print("\n".join(lines))
-    print("\nsweep per batch (best LR):")
-    for b in sweep["batches"]:
-        s = b["steps_to_target"]
-        print(f"  {b['batch_size']:4d}  lr x{b['lr_multiplier']:<4g} reached {b['reached']}/{b['seeds']}  "
-              f"steps {s['median'] if s else '-'}  time {b['time_to_target_s']['median'] if s else '-'}")
+    for name, summary in (("study", ours), ("sweep (best LR)", sweep)):
+        print(f"\n{name} per batch:")
+        for b in summary["batches"]:
+            s, t = b["steps_to_target"], b["time_to_target_s"]
+            print(f"  {b['batch_size']:4d}  lr x{b['lr_multiplier']:<4g} reached {b['reached']}/{b['seeds']}  "
+                  f"steps {s['median'] if s else '-'}  time {t['median'] if t else float('nan'):.3f} s  "
+                  f"predicted {b['predicted_time_s'] or float('nan'):.3f} s")
     storage.write_json(Path(args.out), {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "torch": torch.__version__, "study": {k: ours[k] for k in ("batches", "fit", "best", "answer")},

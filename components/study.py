@@ -192,10 +192,20 @@ def summarize(config: dict, rows: List[Dict], probe: Optional[dict] = None) -> D
     except DataError as exc:
         fitted, fit = None, {"error": str(exc)}
 
+    # Fastest batch: steps from the fit (which pools every batch, so one unlucky seed does not
+    # decide) x the measured seconds per step; without a fit, the measured times.
+    for b in batches:
+        paces = [r["wall_time_s"] / r["optimizer_steps"] for r in rows
+                 if r["batch_size"] == b["batch_size"] and r["selected"] and r.get("optimizer_steps")]
+        b["seconds_per_step"] = statistics.median(paces) if paces else None
+        b["predicted_time_s"] = (fitted.steps_at(b["batch_size"]) * b["seconds_per_step"]
+                                 if fitted is not None and paces else None)
     reached = [b for b in batches if b["reached"]]
+    by_fit = fitted is not None and all(b["predicted_time_s"] is not None for b in reached)
     best = {
-        "time": min(({"batch_size": b["batch_size"], "time_to_target_s": b["time_to_target_s"]["median"]}
-                     for b in reached), key=lambda x: x["time_to_target_s"], default=None),
+        "time": min(({"batch_size": b["batch_size"], "time_to_target_s": b["time_to_target_s"]["median"],
+                      "predicted_time_s": b["predicted_time_s"]} for b in reached),
+                    key=lambda x: x["predicted_time_s"] if by_fit else x["time_to_target_s"], default=None),
         "samples": min(({"batch_size": b["batch_size"], "samples_to_target": b["samples_to_target"]["median"]}
                         for b in reached), key=lambda x: x["samples_to_target"], default=None),
     }

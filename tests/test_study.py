@@ -80,7 +80,8 @@ def _row(batch, steps, seed=0, multiplier=1.0, best=0.96, test=0.95, n_train=125
             "epochs_to_target": steps * batch / n_train if reached else None,
             "time_to_target_s": steps * (0.001 + batch * 1e-5) if reached else None, "best_metric": best,
             "test_metric": test, "stop_reason": "target_reached" if reached else "max_epochs",
-            "optimizer_steps": steps or 500, "samples_seen": (steps or 500) * batch, "wall_time_s": 1.0,
+            "optimizer_steps": steps or 500, "samples_seen": (steps or 500) * batch,
+            "wall_time_s": (steps or 500) * (0.001 + batch * 1e-5),
             "gns_b_simple": None, "data_version": "d1"}
 
 
@@ -103,6 +104,8 @@ def test_summary_fits_the_critical_batch_and_answers_in_plain_language():
     times = {b: round(s_min * (1 + b_crit / b)) * (0.001 + b * 1e-5) for b in (16, 32, 64, 128, 256, 512, 1024)}
     assert result["best"]["samples"]["batch_size"] == 16
     assert result["best"]["time"]["batch_size"] == min(times, key=times.get)
+    assert result["best"]["time"]["predicted_time_s"] == pytest.approx(times[min(times, key=times.get)], rel=0.05)
+    assert by_batch[64]["seconds_per_step"] == pytest.approx(0.001 + 64e-5)
     text = "\n".join(result["answer"])
     assert f"Batch {min(times, key=times.get)} reaches val/accuracy 0.95 fastest" in text
     assert re.search(r"B_crit ~ (19\d|20\d) ", text) and "saves fewer than 25% of the steps" in text
