@@ -161,9 +161,15 @@ def find_max_micro_batch(trial: Callable[[int], int], budget_bytes: int, margin:
             break
         if hi is None:  # safe if that gets us somewhere, else halfway to optimistic (at most double)
             b = safe if safe > lo * (1 + tolerance) else min((max(safe, lo) + top) / 2, 2 * lo)
-        elif peaks[hi] is not None:  # interpolate on the peaks, keeping away from the ends
+        elif peaks[hi] is not None:  # interpolate on the two peaks that bracket the budget
             b = lo + (usable - fits[lo]) * (hi - lo) / (peaks[hi] - fits[lo])
-            b = min(max(b, lo + (hi - lo) / 8), hi - (hi - lo) / 8)
+            # Keep an eighth of the interval away from lo, so a curved peak cannot stall the
+            # search. Near hi, step back twice as far as the interpolation says: a small
+            # overshoot (peak noise, or a one-off transient in the first trial that skewed the
+            # line, as on an H200) has its answer just below hi, not an eighth of the way down.
+            if b > hi - (hi - lo) / 8:
+                b = 2 * b - hi
+            b = min(max(b, lo + (hi - lo) / 8), hi - 1)
         else:  # out of memory tells us nothing about how far: bisect
             b = (lo + hi) / 2
         b = min(max(math.floor(b), lo + 1), top)

@@ -83,7 +83,7 @@ def test_a_noisy_device_is_searched_within_5_percent_when_the_resolution_covers_
     # with the default 2 MiB resolution the noise makes it overshoot once, and recover
     device = SimulatedDevice(16 * GiB, 2 * GiB, 1 * MiB, noise=0.002)
     result = find_max_micro_batch(device.trial, 16 * GiB)
-    assert [b for b, _ in result.trials] == [8, 57, 11963, 12717, 12622]
+    assert [b for b, _ in result.trials] == [8, 57, 11963, 12717, 12654]
     assert result.micro_batch >= 0.95 * device.true_max(1 << 16) and verified(result)
 
 
@@ -234,5 +234,17 @@ def test_a_search_starting_past_a_gradient_dominated_region_is_quick():
     start = -(-2 * grads // per_sample)
     result = find_max_micro_batch(device.trial, budget, cap=1 << 21, probe=start)
     best = device.true_max(1 << 21, margin=0.1)
+    assert 0.95 * best <= result.micro_batch <= best and verified(result)
+    assert len(result.trials) <= 4, result.trials
+
+    # On the H200 the first trial also measured a one-off ~130 MB (the first CUDA step's
+    # workspaces), so the fitted line's fixed part came out low and the prediction overshot the
+    # usable budget by 0.2%: an interpolation between a fit and a small overshoot should land.
+    class FirstStepTransient(GradientFloor):
+        def trial(self, b):
+            return super().trial(b) + (130 * MiB if self.calls == 1 else 0)
+
+    device = FirstStepTransient(budget, 1 * GiB, per_sample)
+    result = find_max_micro_batch(device.trial, budget, cap=1 << 21, probe=start)
     assert 0.95 * best <= result.micro_batch <= best and verified(result)
     assert len(result.trials) <= 4, result.trials
