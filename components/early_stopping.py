@@ -21,6 +21,7 @@ class EarlyStopping:
     min_delta: float = 0.0
     target: Optional[float] = None
     divergence_threshold: Optional[float] = None
+    stop_at_target: bool = True  # False: record the step the target is reached, keep training
     # state
     best: Optional[float] = None  # best value seen: its weights are the ones restored
     best_step: Optional[int] = None
@@ -46,8 +47,10 @@ class EarlyStopping:
             self.best, self.best_step = value, step
         if self.target is not None and self.target_step is None and not self._better(self.target, value, 0.0):
             self.target_step = step
-            self.stop_reason = TARGET_REACHED
-        elif self.divergence_threshold is not None and self._better(self.divergence_threshold, value, 0.0):
+            if self.stop_at_target:
+                self.stop_reason = TARGET_REACHED
+                return improved
+        if self.divergence_threshold is not None and self._better(self.divergence_threshold, value, 0.0):
             self.stop_reason = DIVERGED
         elif self.bad_evals >= self.patience:
             self.stop_reason = PATIENCE

@@ -149,11 +149,12 @@ def measure(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tenso
 def grad_sq_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     """Sum of squared .grad over `parameters`, as a tensor: the caller decides when to sync.
     One fused norm over all gradients (what clip_grad_norm_ uses): ~3x cheaper per call than a
-    norm per tensor, which matters twice per optimizer step in the training loop."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    norm per tensor, which matters twice per optimizer step in the training loop. Gradients
+    carry no autograd history, so no detach; norms come back in float32 or wider."""
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    return torch.stack(torch._foreach_norm(grads)).square().sum()
 
 
 class NoiseScaleTracker:

@@ -26,7 +26,7 @@ from components.errors import DataError, UserInputError, exit_on_user_error
 
 STUDY_FILE = "study.json"
 RUNS_DIR = "runs"  # <study_dir>/runs/<run name>/: each run's own directory, as a training run has
-NEVER = 10 ** 9  # patience of a study run: it stops at the target or its budget, never from patience
+NEVER = 10 ** 9  # patience of a study run that stops at the target: only the target or the budget stop it
 
 
 # ---------------------------------------------------------------- plan
@@ -70,6 +70,9 @@ def plan(config: dict, n_train: int, probe: Optional[dict] = None) -> List[Dict]
             raise DataError(f"study.batch_sizes: batch {batch} is larger than the training split ({n_train})")
         micro = largest_divisor_at_most(batch, fits or batch)
         steps_per_epoch = n_train // batch
+        # eval.patience counts the pipeline's evaluations (once per epoch by default); study runs
+        # evaluate evals_per_epoch times as often, so the same patience is that many more of them
+        evals_per_eval = cfg.study.evals_per_epoch if cfg.eval.every_steps is None else 1
         for multiplier in cfg.study.lr_grid or [1.0]:
             for seed in range(cfg.train.seed, cfg.train.seed + cfg.study.seeds):
                 name = run_name(batch, multiplier, seed)
@@ -78,7 +81,7 @@ def plan(config: dict, n_train: int, probe: Optional[dict] = None) -> List[Dict]
                 run["train"].update(batch_size=batch, micro_batch_size=micro, lr=cfg.train.lr * multiplier,
                                     seed=seed, max_epochs=cfg.study.max_epochs, max_steps=cfg.study.max_steps)
                 run["eval"].update(every_steps=max(1, round(steps_per_epoch / cfg.study.evals_per_epoch)),
-                                   patience=NEVER)
+                                   patience=NEVER if cfg.eval.stop_at_target else cfg.eval.patience * evals_per_eval)
                 run["probe"]["enabled"] = False  # the batch sizes are decided
                 run["tracking"]["group"] = cfg.tracking.group or study_id  # one W&B group per study (wandb_group)
                 runs.append({"name": name, "batch_size": batch, "lr_multiplier": multiplier, "seed": seed,
@@ -212,7 +215,8 @@ def summarize(config: dict, rows: List[Dict], probe: Optional[dict] = None) -> D
     runs0 = [r for r in rows if r.get("status") == "completed"]
     study = {
         "study_id": cfg.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": {"metric": cfg.eval.monitor, "value": cfg.eval.target, "mode": cfg.eval.mode},
+        "target": {"metric": cfg.eval.monitor, "value": cfg.eval.target, "mode": cfg.eval.mode,
+                   "stop_at_target": cfg.eval.stop_at_target},
         "model": cfg.model.factory or cfg.model.name, "data": cfg.data.path or cfg.data.name,
         "data_version": runs0[0]["data_version"] if runs0 else None,
         "device": probe.get("device") if probe else None,
@@ -275,8 +279,9 @@ def answer(study: Dict, fitted) -> List[str]:
 
 def generalization_check(study: Dict) -> str:
     """The folklore "large batches generalize worse", checked against the test metric."""
-    # Runs stop at the target, so this compares models of equal validation quality: a batch
-    # that generalizes worse shows up as a lower test metric at the same validation metric.
+    # Runs that stop at the target are models of equal validation quality, so this asks whether
+    # test quality differs at equal validation quality; with eval.stop_at_target=false the runs
+    # train on (patience, budget) and this compares fully trained models.
     scored = [b for b in study["batches"] if b["test_metric"] and b["reached"]]
     if len(scored) < 2:
         return "Too few batch sizes reached the target to compare generalization."
@@ -288,7 +293,9 @@ def generalization_check(study: Dict) -> str:
     stds = [b["test_metric"]["std"] for b in scored if b["test_metric"]["std"] is not None]
     retuned = "with the LR re-tuned per batch" if study["lr_rule"]["lr_grid"] else \
         "with the LR scaled by rule, not re-tuned (set study.lr_grid to re-tune)"
-    head = f"Generalization at the target: largest batch {largest['batch_size']} has {name} " \
+    when = ("at the target (eval.stop_at_target=false compares fully trained models)"
+            if study["target"].get("stop_at_target", True) else "after training on past the target")
+    head = f"Generalization {when}: largest batch {largest['batch_size']} has {name} " \
            f"{largest['test_metric']['mean']:.4g} vs best {best['test_metric']['mean']:.4g} at batch " \
            f"{best['batch_size']} ({gap:+.3g}), {retuned}"
     if not stds:

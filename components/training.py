@@ -116,16 +116,17 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
     """
     count = len(indices) // micro
     losses, first_sq = [], None
+    params = list(model.parameters()) if noise is not None else None
     for m in range(0, len(indices), micro):
         mb = indices[m:m + micro] if count > 1 else indices
         loss = loss_fn(model(x[mb]), y[mb])
         (loss / count if count > 1 else loss).backward()
         losses.append(loss.detach())
         if noise is not None and first_sq is None:
-            first_sq = noise_scale.grad_sq_norm(model.parameters()) * count ** 2
+            first_sq = noise_scale.grad_sq_norm(params)
     if noise is not None:
-        small_sq, big_sq = torch.stack([first_sq, noise_scale.grad_sq_norm(model.parameters())]).tolist()
-        noise.update([small_sq], big_sq, micro, len(indices))
+        first_sq, big_sq = torch.stack([first_sq, noise_scale.grad_sq_norm(params)]).tolist()
+        noise.update([first_sq * count ** 2], big_sq, micro, len(indices))
     return losses
 
 
@@ -176,7 +177,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
 
     model.to(device).train()
     optimizer = make_optimizer(model, t, plan.lr)
-    stopper = early_stopping.EarlyStopping(e.mode, e.patience, e.min_delta, e.target, e.divergence_threshold)
+    stopper = early_stopping.EarlyStopping(e.mode, e.patience, e.min_delta, e.target, e.divergence_threshold,
+                                           e.stop_at_target)
     step, elapsed_before, best_state, target_at, resumed_from, finished = 0, 0.0, None, None, None, False
     log = storage.JsonlWriter(Path(run_dir) / METRICS) if run_dir else None
     identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
@@ -252,7 +254,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
     # One optimizer step's forward/backward at micro-batch m, over the current `indices`. Defined
     # once, outside the hot loop; they read the loop's variables when called.
     def micro_steps(m: int) -> List[torch.Tensor]:
-        return accumulate_gradients(model, loss_fn, x_train, y_train, indices, m, noise if m < shard else None)
+        measure = noise if m < shard and step % t.noise_scale_every_steps == 0 else None
+        return accumulate_gradients(model, loss_fn, x_train, y_train, indices, m, measure)
 
     def smaller_micro(m: int) -> int:
         return largest_divisor_at_most(shard, m // 2)

@@ -46,6 +46,12 @@ def test_target_stops_at_the_first_evaluation_reaching_it():
     assert feed(s, [0.5, 0.2, 0.09]) == 3 and s.target_step == 3
 
 
+def test_the_target_can_be_recorded_without_stopping():
+    s = es.EarlyStopping(mode="max", patience=2, target=0.9, stop_at_target=False)
+    assert feed(s, [0.5, 0.91, 0.95, 0.94, 0.93]) == 5  # patience, not the target, stops it
+    assert s.stop_reason == es.PATIENCE and s.target_step == 2 and (s.best, s.best_step) == (0.95, 3)
+
+
 def test_divergence_threshold_stops_when_worse_than_the_threshold():
     s = es.EarlyStopping(mode="min", patience=10, divergence_threshold=5.0)
     assert feed(s, [2.0, 1.5, 4.9, 5.1]) == 4

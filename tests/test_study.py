@@ -57,6 +57,19 @@ def test_plan_fixes_micro_batch_accumulation_lr_and_evaluation_per_run():
     assert config["train"]["batch_size"] == "auto"  # the study's own config is untouched
 
 
+def test_a_study_can_train_past_the_target_to_compare_trained_models():
+    config = study_config(batch_sizes=[64], evals_per_epoch=4)
+    config["eval"].update(stop_at_target=False, patience=3)
+    run = study.plan(config, 1259, PROBE)[0]["config"]
+    assert run["eval"]["stop_at_target"] is False
+    assert run["eval"]["patience"] == 3 * 4  # the same 3 epochs, in the study's finer evaluations
+    rows = [_row(b, round(40 * (1 + 200 / b)), seed=s, test=t)
+            for b, tests in ((16, (0.96, 0.962)), (512, (0.958, 0.96))) for s, t in enumerate(tests)]
+    line = study.summarize({**config, "study": {**config["study"], "seeds": 2}}, rows, None)["answer"][-1]
+    assert line.startswith("Generalization after training on past the target: largest batch 512")
+    assert "within twice the seed-to-seed spread" in line
+
+
 def test_plan_refuses_a_batch_larger_than_the_training_split():
     with pytest.raises(DataError, match="batch 4096 is larger than the training split"):
         study.plan(study_config(batch_sizes=[64, 4096]), 1259, PROBE)
@@ -132,8 +145,8 @@ def test_the_generalization_check_uses_the_seed_spread():
             for s, t in enumerate(tests)]
     result = study.summarize(study_config(seeds=2), rows, None)
     line = result["answer"][-1]
-    assert line.startswith("Generalization at the target: largest batch 512 has test/accuracy 0.905 vs best 0.961 "
-                           "at batch 16 (-0.056)")
+    assert line.startswith("Generalization at the target (eval.stop_at_target=false compares fully trained "
+                           "models): largest batch 512 has test/accuracy 0.905 vs best 0.961 at batch 16 (-0.056)")
     assert "beyond twice the seed-to-seed spread" in line
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from components import early_stopping, models, storage, training
+from components import early_stopping, models, noise_scale, storage, training
 from components.config import parse_config
 from conftest import config
 from pipelines.config import CONF_DIR, compose_config
@@ -167,6 +167,16 @@ def test_target_records_steps_samples_and_time(digits):
     assert result.best_metric["value"] >= 0.9
 
 
+def test_time_to_target_is_recorded_while_training_on(digits):
+    cfg = config(eval={"target": 0.9, "every_steps": 10, "stop_at_target": False, "patience": 3},
+                 train={"max_epochs": 8})
+    model, result = train(cfg, digits)
+    assert result.stop_reason in (early_stopping.PATIENCE, "max_epochs")
+    assert result.steps_to_target % 10 == 0 and result.steps_to_target < result.optimizer_steps
+    assert result.samples_to_target == 32 * result.steps_to_target
+    assert 0 < result.time_to_target_s < result.wall_time_s
+
+
 def test_patience_stops_and_the_best_weights_are_restored(digits):
     cfg = config(eval={"patience": 2}, train={"max_epochs": 50})
     model, result = train(cfg, digits)
@@ -313,3 +323,15 @@ def test_noise_scale_is_tracked_from_accumulation_micro_steps(digits, tmp_path):
     assert 1 < result.gns_b_simple < 10_000  # a batch-size scale, not noise or a sign error
     _, plain = train(config(train={"max_steps": 5}), digits)  # no accumulation: nothing to track
     assert plain.gns_b_simple is None
+
+
+def test_the_noise_scale_is_measured_on_every_nth_step(digits, monkeypatch):
+    measured = []
+    real_update = noise_scale.NoiseScaleTracker.update
+    monkeypatch.setattr(noise_scale.NoiseScaleTracker, "update",
+                        lambda self, *args: measured.append(1) or real_update(self, *args))
+    for every, expected in ((1, 60), (4, 15), (7, 9)):  # steps 0, 7, ..., 56 of 60
+        measured.clear()
+        train(config(train={"batch_size": 128, "micro_batch_size": 32, "max_steps": 60,
+                            "noise_scale_every_steps": every}), digits)
+        assert len(measured) == expected
