@@ -41,6 +41,7 @@ def run(config: dict, dataset_path: str, model_path: str, train_result: dict, ru
         "best_metric": r["best_metric"], "test": {k.removeprefix("test/"): v for k, v in test.items()},
         "steps_to_target": r["steps_to_target"], "samples_to_target": r["samples_to_target"],
         "time_to_target_s": r["time_to_target_s"], "target": cfg.eval.target,
+        "train_time_to_target_s": r.get("train_time_to_target_s"), "eval_time_s": r.get("eval_time_s"),
         "resumed_from_step": r["resumed_from_step"], "steps_per_epoch": r["steps_per_epoch"],
         "data_version": data.data_version, "config_hash": r["config_hash"],
         "counts": data.manifest["counts"], "wandb_dir": r.get("wandb_dir"),

@@ -125,6 +125,7 @@ def decision(result: Dict) -> Dict:
     return {"recommendation": result["recommendation"], "b_simple": result["noise_scale"]["b_simple"],
             "b_simple_spread": result["noise_scale"]["spread"],
             "max_micro_batch_size": result["memory"]["micro_batch_size"], "device": result["device"],
+            "throughput_ladder": result["throughput"]["ladder"],
             "reasoning": result["reasoning"]}
 
 

@@ -119,10 +119,13 @@ def row_from_summary(summary: Dict, monitor: str) -> Dict:
         "reached_target": summary["steps_to_target"] is not None,
         "steps_to_target": summary["steps_to_target"], "samples_to_target": samples,
         "epochs_to_target": samples / n_train if samples is not None else None,
-        "time_to_target_s": summary["time_to_target_s"],
+        # training time: a study evaluates evals_per_epoch times an epoch, which is not training
+        "time_to_target_s": summary["train_time_to_target_s"],
+        "wall_time_to_target_s": summary["time_to_target_s"],
         "best_metric": summary["best_metric"]["value"], "test_metric": summary["test"].get(monitor.split("/", 1)[1]),
         "stop_reason": summary["stop_reason"], "optimizer_steps": summary["optimizer_steps"],
         "samples_seen": summary["samples_seen"], "wall_time_s": summary["wall_time_s"],
+        "train_time_s": summary["wall_time_s"] - summary["eval_time_s"],
         "gns_b_simple": summary["gns_b_simple"], "data_version": summary["data_version"],
     }
 
@@ -196,13 +199,20 @@ def summarize(config: dict, rows: List[Dict], probe: Optional[dict] = None) -> D
         fitted, fit = None, {"error": str(exc)}
 
     # Fastest batch: steps from the fit (which pools every batch, so one unlucky seed does not
-    # decide) x the measured seconds per step; without a fit, the measured times.
+    # decide) x seconds per step from the probe's throughput ladder (timed after a warm-up, the
+    # fastest of several repeats; a run's own pace is one noisy sample), else from the runs.
+    # Without a fit, the measured times decide.
+    ladder = (probe or {}).get("throughput_ladder")
     for b in batches:
-        paces = [r["wall_time_s"] / r["optimizer_steps"] for r in rows
-                 if r["batch_size"] == b["batch_size"] and r["selected"] and r.get("optimizer_steps")]
+        done = [r for r in rows if r["batch_size"] == b["batch_size"] and r["selected"] and r.get("optimizer_steps")]
+        paces = [r["train_time_s"] / r["optimizer_steps"] for r in done]
         b["seconds_per_step"] = statistics.median(paces) if paces else None
-        b["predicted_time_s"] = (fitted.steps_at(b["batch_size"]) * b["seconds_per_step"]
-                                 if fitted is not None and paces else None)
+        if ladder and done:
+            from components.probe import throughput_at
+
+            b["probe_seconds_per_step"] = b["batch_size"] / throughput_at(ladder, done[0]["micro_batch_size"])
+        pace = b.get("probe_seconds_per_step") or b["seconds_per_step"]
+        b["predicted_time_s"] = fitted.steps_at(b["batch_size"]) * pace if fitted is not None and pace else None
     reached = [b for b in batches if b["reached"]]
     by_fit = fitted is not None and all(b["predicted_time_s"] is not None for b in reached)
     best = {

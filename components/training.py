@@ -147,6 +147,8 @@ class FitResult:
     accumulation_steps: int
     oom_events: List[dict] = field(default_factory=list)
     gns_b_simple: Optional[float] = None  # noise scale tracked during training (accumulation >= 2)
+    eval_time_s: float = 0.0  # of wall_time_s, spent evaluating
+    train_time_to_target_s: Optional[float] = None  # time_to_target_s less the evaluations before it
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -180,6 +182,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
     stopper = early_stopping.EarlyStopping(e.mode, e.patience, e.min_delta, e.target, e.divergence_threshold,
                                            e.stop_at_target)
     step, elapsed_before, best_state, target_at, resumed_from, finished = 0, 0.0, None, None, None, False
+    eval_s = 0.0  # wall time spent evaluating: a study evaluates often, and that is not training
     log = storage.JsonlWriter(Path(run_dir) / METRICS) if run_dir else None
     identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
 
@@ -195,7 +198,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         stopper.load_state_dict(ckpt["stopper"])
         torch.set_rng_state(ckpt["rng"])
         step, elapsed_before, best_state, target_at = ckpt["step"], ckpt["wall_time_s"], ckpt["best_state"], ckpt["target_at"]
-        micro, oom_events = ckpt["micro_batch_size"], ckpt["oom_events"]
+        micro, oom_events, eval_s = ckpt["micro_batch_size"], ckpt["oom_events"], ckpt["eval_time_s"]
         if noise is not None:
             vars(noise).update(ckpt["noise"])
         resumed_from, finished = step, ckpt["finished"]
@@ -212,6 +215,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "stopper": stopper.state_dict(), "rng": torch.get_rng_state(),
             "best_state": best_state, "target_at": target_at, "micro_batch_size": micro, "oom_events": oom_events,
+            "eval_time_s": eval_s,
             "noise": vars(noise) if noise is not None else None,
             "metrics_offset": log.offset() if log else 0,
         }, checkpoint_path)
@@ -221,7 +225,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
                 "epoch": step / plan.steps_per_epoch, "wall_time_s": round(elapsed(), 4), **extra}
 
     def evaluate() -> None:
-        nonlocal best_state, target_at, eval_chunk
+        nonlocal best_state, target_at, eval_chunk, eval_s
+        started = time.perf_counter()
         # no activations are kept for backward, so big chunks usually fit; halve if not
         values, eval_chunk = memory.halving_on_oom(
             lambda chunk: metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=chunk), eval_chunk)
@@ -231,7 +236,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         if stopper.update(values[e.monitor], step):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if not had_target and stopper.target_step is not None:
-            target_at = {"steps": step, "samples": step * plan.effective_batch_size, "time_s": elapsed()}
+            target_at = {"steps": step, "samples": step * plan.effective_batch_size, "time_s": elapsed(),
+                         "train_time_s": elapsed() - eval_s - (time.perf_counter() - started)}
         out = row(values)
         if log:
             log.write(out)
@@ -241,6 +247,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             tracker.log({**out, "train/loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]})
         loss_since_eval[:] = [0.0, 0]
         bar.set_postfix({"train/loss": f"{train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"}, refresh=False)
+        eval_s += time.perf_counter() - started
 
     from tqdm.auto import tqdm
 
@@ -330,5 +337,6 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         samples_to_target=target_at["samples"] if target_at else None,
         time_to_target_s=target_at["time_s"] if target_at else None,
         resumed_from_step=resumed_from, micro_batch_size=micro, accumulation_steps=shard // micro,
-        oom_events=oom_events, gns_b_simple=noise.value if noise is not None else None,
+        oom_events=oom_events, gns_b_simple=noise.value if noise is not None else None, eval_time_s=eval_s,
+        train_time_to_target_s=target_at["train_time_s"] if target_at else None,
     )

@@ -7,6 +7,7 @@ step's one-line error (see components.errors) and the path of the full log.
 """
 
 import json
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,7 @@ def run_locally(pipeline: Callable, arguments: dict, run_dir: Path, progress: bo
         log.flush()
         if watcher:
             watcher.start()
+        root_handlers = logging.getLogger().handlers[:]
         try:
             pipeline(**arguments)
         except RuntimeError as exc:
@@ -55,6 +57,10 @@ def run_locally(pipeline: Callable, arguments: dict, run_dir: Path, progress: bo
         finally:
             if watcher:
                 watcher.stop()
+            # kfp logs its last line with logging.info outside its own logging context, which
+            # makes logging install a root handler on the stderr of that moment; a later log
+            # line would go to a stream that may be gone (seen as "--- Logging error ---").
+            logging.getLogger().handlers[:] = root_handlers
 
 
 def failure_line(log_path: Path) -> Optional[str]:

@@ -1,5 +1,6 @@
 """The real pipeline graph, compiled by kfp and run end to end by kfp's local runner."""
 
+import logging
 
 import numpy as np
 import pandas as pd
@@ -154,11 +155,15 @@ def test_user_csv_and_model_factory_end_to_end_then_resume(user_project, capsys)
     assert "run_id: mine already exists" in capsys.readouterr().err
 
 
-def test_bad_data_in_the_pipeline_gives_one_line_and_no_partial_output(tmp_path, capsys):
+def test_bad_data_in_the_pipeline_gives_one_line_and_no_partial_output(tmp_path, capsys, monkeypatch):
     frame = pd.DataFrame({"a": [1.0, np.nan, 3.0] * 10, "target": [0, 1, 1] * 10})
     frame.to_csv(tmp_path / "nan.csv", index=False)
+    # As in a plain `python -m pipelines.submit`: no root log handler. kfp's last logging.info
+    # would install one on this test's stderr, which a later test sees closed.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     code = submit.main(["data=file", "data.path=nan.csv", "output_dir=out", "run_id=bad", "--no-progress"])
     assert code == 2
+    assert logging.getLogger().handlers == []
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"error: data: 10 NaN/inf feature values in {tmp_path / 'nan.csv'} (features a); clean or impute them first"
     assert err[1].startswith("full log: ")

@@ -14,6 +14,39 @@ from components.errors import ConfigError, DataError
 from pipelines import submit
 from pipelines.config import compose_config
 
+def wandb_records(path):
+    """The records of an offline W&B run file. wandb 0.31 ships no reader for it; the file is a
+    7-byte header, then LevelDB-style log records (32 KiB blocks; per chunk a 7-byte header:
+    checksum, length, type 1 full / 2 first / 3 middle / 4 last) holding protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, records, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run_info(path):
+    """(group, job type, summary keys) of an offline W&B run file."""
+    records = wandb_records(path)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    keys = {u.key for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    return run.run_group, run.job_type, keys
+
+
 PROBE = {"recommendation": {"effective_batch_size": 64}, "b_simple": 150.0, "b_simple_spread": 20.0,
          "max_micro_batch_size": 24, "device": "cpu"}
 
@@ -94,7 +127,8 @@ def _row(batch, steps, seed=0, multiplier=1.0, best=0.96, test=0.95, n_train=125
             "time_to_target_s": steps * (0.001 + batch * 1e-5) if reached else None, "best_metric": best,
             "test_metric": test, "stop_reason": "target_reached" if reached else "max_epochs",
             "optimizer_steps": steps or 500, "samples_seen": (steps or 500) * batch,
-            "wall_time_s": (steps or 500) * (0.001 + batch * 1e-5),
+            "wall_time_s": (steps or 500) * (0.001 + batch * 1e-5) + 0.5,  # 0.5 s of evaluation
+            "train_time_s": (steps or 500) * (0.001 + batch * 1e-5),
             "gns_b_simple": None, "data_version": "d1"}
 
 
@@ -126,6 +160,22 @@ def test_summary_fits_the_critical_batch_and_answers_in_plain_language():
     assert "Batch 2048 did not reach val/accuracy 0.95 within the budget" in text
     assert "one seed per batch" in text and "LR re-tuned per batch" in text
     assert result["probe"]["b_simple"] == 150.0 and result["target"]["value"] == 0.95
+
+
+def test_the_fastest_batch_uses_the_probes_throughput_when_there_is_one():
+    rows = [_row(b, round(40 * (1 + 200 / b))) for b in (16, 32, 64, 128, 256)]
+    # throughput flat from 16 up: a step costs time in proportion to its batch, so the fewest
+    # samples (the smallest batch) is also the fastest, whatever the runs' own paces say
+    flat = {**PROBE, "throughput_ladder": [{"micro_batch_size": 16, "samples_per_s": 1e5},
+                                           {"micro_batch_size": 1024, "samples_per_s": 1e5}]}
+    result = study.summarize(study_config(), rows, flat)
+    assert result["best"]["time"]["batch_size"] == 16
+    by_batch = {b["batch_size"]: b for b in result["batches"]}
+    assert by_batch[64]["probe_seconds_per_step"] == pytest.approx(64 / 1e5)
+    assert by_batch[64]["predicted_time_s"] == pytest.approx(by_batch[64]["probe_seconds_per_step"] * 40 * (1 + 200 / 64),
+                                                             rel=0.02)
+    # without the ladder, the runs' paces (which favour 128 here) decide
+    assert study.summarize(study_config(), rows, PROBE)["best"]["time"]["batch_size"] == 128
 
 
 def test_summary_without_enough_runs_reaching_the_target_keeps_the_rows_and_says_why():
@@ -187,6 +237,9 @@ def test_small_study_on_digits_end_to_end(tmp_path, monkeypatch, capsys):
         assert summary["micro_batch_size"] == min(64, r["batch_size"])  # 256 = 64 x 4
         assert r["samples_to_target"] == r["steps_to_target"] * r["batch_size"]
         assert r["epochs_to_target"] == pytest.approx(r["samples_to_target"] / 1259)
+        # the study's time to target is training time: its frequent evaluations are taken out
+        assert 0 < r["time_to_target_s"] < r["wall_time_to_target_s"] == summary["time_to_target_s"]
+        assert r["train_time_s"] == pytest.approx(summary["wall_time_s"] - summary["eval_time_s"])
     steps = [b["steps_to_target"]["median"] for b in result["batches"]]
     assert steps[0] > steps[1] > steps[2]  # bigger batches need fewer steps ...
     samples = [b["samples_to_target"]["median"] for b in result["batches"]]
@@ -203,7 +256,12 @@ def test_small_study_on_digits_end_to_end(tmp_path, monkeypatch, capsys):
     offline = sorted(p.name.split("-mini-", 1)[1] for p in study_dir.glob("runs/*/wandb/offline-run-*"))
     assert offline == sorted(f"{name}-{job}" for name in ("b16-lr1x-s0", "b64-lr1x-s0", "b256-lr1x-s0")
                              for job in ("train", "evaluate"))
-    assert list(study_dir.glob("wandb/offline-run-*-mini-study"))
+    # every W&B run of the study is in the study's group, with its job type; the fit is in the study run
+    runs = [wandb_run_info(f) for f in study_dir.glob("**/wandb/offline-run-*/run-*.wandb")]
+    assert sorted(job for _, job, _ in runs) == ["evaluate"] * 3 + ["study"] + ["train"] * 3
+    assert {group for group, _, _ in runs} == {"mini"}
+    study_keys = next(keys for _, job, keys in runs if job == "study")
+    assert {"fit/b_crit", "fit/b_crit_err", "fit/s_min", "fit/e_min", "answer"} <= study_keys
     out = capsys.readouterr().out
     assert "study mini" in out and f"report: {study_dir / 'report.html'}" in out and "wandb sync" in out
 

@@ -165,6 +165,9 @@ def test_target_records_steps_samples_and_time(digits):
     assert result.samples_to_target == 32 * result.steps_to_target
     assert 0 < result.time_to_target_s <= result.wall_time_s
     assert result.best_metric["value"] >= 0.9
+    # evaluations every 10 steps take time that is not training
+    assert 0 < result.eval_time_s < result.wall_time_s
+    assert 0 < result.train_time_to_target_s < result.time_to_target_s - 0.5 * result.eval_time_s
 
 
 def test_time_to_target_is_recorded_while_training_on(digits):
