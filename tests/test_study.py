@@ -268,3 +268,32 @@ def test_small_study_on_digits_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_default_config_is_not_a_study():
     assert Config().pipeline == "train"
+
+
+def test_contract_the_wandb_report_is_saved_with_the_study_panels_and_its_url_printed(monkeypatch, capsys, tmp_path):
+    """Contract test: saving a W&B Report needs a W&B server, which cannot run here, so
+    Report.save and Report.url are replaced; the payload that would be sent is asserted."""
+    import wandb_workspaces.reports.v2 as wr
+
+    sent = {}
+
+    def save(self, draft=False, clone=False):  # what the real one would send, from the public fields
+        sent["blocks"], sent["entity"], sent["project"] = repr(self.blocks), self.entity, self.project
+        return self
+
+    monkeypatch.setattr(wr.Report, "save", save)
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: f"https://wandb.example/{self.project}/reports/r1"))
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    rows = [_row(b, round(40 * (1 + 200 / b))) for b in (16, 64, 256)]
+    result = study.summarize(study_config(), rows, PROBE)
+    url = study.publish_wandb_report(result, "convergence-pipeline")
+    assert url == "https://wandb.example/convergence-pipeline/reports/r1"
+    assert (sent["entity"], sent["project"]) == ("team", "convergence-pipeline")
+    payload = sent["blocks"]
+    assert """filters='Metric("Group") == \\'s1\\''""" in payload  # the runset: the study's W&B group
+    assert "x='samples_seen'" in payload and "x='wall_time_s'" in payload
+    assert "gns/b_simple" in payload and "val/accuracy" in payload
+    assert result["answer"][0].split(":")[0] in payload
+
+    submit.print_study({**result, "wandb_report": url}, tmp_path)
+    assert "W&B report: https://wandb.example/convergence-pipeline/reports/r1" in capsys.readouterr().out
