@@ -114,9 +114,9 @@ class TrackingConfig:
     project: str = "convergence-pipeline"
     group: Optional[str] = None
     # W&B gets one row per evaluation (with the train loss averaged since the last one);
-    # set N to also send every N-th train row. Measured here: each extra wandb.log call
-    # costs ~5 ms of training time (the W&B service competes for the CPU). metrics.jsonl
-    # keeps every step either way.
+    # set N to also send every N-th train row. Online, measured here: each extra wandb.log
+    # call costs ~5 ms of training time (the W&B service competes for the CPU); offline the
+    # rows are written after training. metrics.jsonl keeps every step either way.
     log_every_steps: Optional[int] = None
 
 

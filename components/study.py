@@ -217,7 +217,9 @@ def summarize(config: dict, rows: List[Dict], probe: Optional[dict] = None) -> D
     by_fit = fitted is not None and all(b["predicted_time_s"] is not None for b in reached)
     best = {
         "time": min(({"batch_size": b["batch_size"], "time_to_target_s": b["time_to_target_s"]["median"],
-                      "predicted_time_s": b["predicted_time_s"]} for b in reached),
+                      "predicted_time_s": b["predicted_time_s"],
+                      "by": ("fitted steps x the probe's throughput" if ladder else "fitted steps x the runs' pace")
+                      if by_fit else "measured time"} for b in reached),
                     key=lambda x: x["predicted_time_s"] if by_fit else x["time_to_target_s"], default=None),
         "samples": min(({"batch_size": b["batch_size"], "samples_to_target": b["samples_to_target"]["median"]}
                         for b in reached), key=lambda x: x["samples_to_target"], default=None),
@@ -255,9 +257,15 @@ def answer(study: Dict, fitted) -> List[str]:
     goal = f"{t['metric']} {t['value']:g}"
     missed = [b["batch_size"] for b in batches if not b["reached"]]
     if study["best"]["time"]:
-        bt = next(b for b in batches if b["batch_size"] == study["best"]["time"]["batch_size"])
-        lines.append(f"Batch {bt['batch_size']} reaches {goal} fastest: {bt['time_to_target_s']['median']:.3g} s, "
-                     f"{_fmt(bt['steps_to_target']['median'])} steps, {bt['epochs_to_target']['median']:.2g} epochs.")
+        fastest = study["best"]["time"]
+        bt = next(b for b in batches if b["batch_size"] == fastest["batch_size"])
+        measured = (f"{_fmt(bt['steps_to_target']['median'])} steps, {bt['epochs_to_target']['median']:.2g} epochs, "
+                    f"{bt['time_to_target_s']['median']:.3g} s of training")
+        if fastest["predicted_time_s"] is not None:
+            lines.append(f"Batch {bt['batch_size']} reaches {goal} fastest: ~{fastest['predicted_time_s']:.2g} s of "
+                         f"training by {fastest['by']}; measured in this study: {measured}.")
+        else:
+            lines.append(f"Batch {bt['batch_size']} reaches {goal} fastest: {measured}.")
         bs = next(b for b in batches if b["batch_size"] == study["best"]["samples"]["batch_size"])
         lines.append(f"Batch {bs['batch_size']} needs the fewest samples: {_fmt(bs['samples_to_target']['median'])} "
                      f"({bs['epochs_to_target']['median']:.2g} epochs).")

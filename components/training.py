@@ -22,11 +22,10 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from components import early_stopping, memory, metrics, noise_scale, storage
+from components import early_stopping, memory, metrics, noise_scale, storage, tracking
 from components.config import Config, TrainConfig, config_hash, largest_divisor_at_most
 from components.datasets import Dataset
 from components.errors import ConfigError
-from components.tracking import Tracker
 
 CHECKPOINT = "checkpoints/last.pt"
 METRICS = "metrics.jsonl"
@@ -157,7 +156,7 @@ class FitResult:
 
 
 def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
-        tracker: Optional[Tracker] = None, progress: Optional[bool] = None,
+        tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
         on_step: Optional[Callable[[int], None]] = None, rank: int = 0) -> FitResult:
     """Train `model` in place and leave the best weights (by `eval.monitor`) loaded in it.
 
@@ -243,9 +242,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             log.write(out)
             log.flush()
         if tracker:  # one W&B call per evaluation, carrying the train loss since the last one
-            mean_loss = loss_since_eval[0] / max(1, loss_since_eval[1])
-            tracker.log({**out, "train/loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]})
-        loss_since_eval[:] = [0.0, 0]
+            tracker.log(tracking.eval_row(out, loss_since_eval, optimizer.param_groups[0]["lr"]))
+        loss_since_eval.clear()
         bar.set_postfix({"train/loss": f"{train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"}, refresh=False)
         eval_s += time.perf_counter() - started
 
@@ -276,7 +274,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             log.write(row({"event": "out_of_memory", "micro_batch_size": new, "accumulation_steps": shard // new}))
 
     train_loss, last_eval_step, last_flush, eval_chunk = float("nan"), step, t0, 4096
-    loss_since_eval = [0.0, 0]  # sum, count
+    loss_since_eval: List[float] = []  # train losses since the last evaluation, for W&B
     while not finished and not stopper.should_stop and step < plan.max_steps:
         epoch, first_window = divmod(step, plan.steps_per_epoch)
         order = epoch_order(t.seed, epoch, plan.n_train).to(device)
@@ -293,8 +291,7 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
 
             # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
             train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
-            loss_since_eval[0] += train_loss
-            loss_since_eval[1] += 1
+            loss_since_eval.append(train_loss)
             out = row({"train/loss": train_loss, "lr": optimizer.param_groups[0]["lr"]})
             if log:
                 log.write(out)

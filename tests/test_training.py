@@ -11,10 +11,10 @@ from conftest import config
 from pipelines.config import CONF_DIR, compose_config
 
 
-def train(cfg, data, run_dir=None, on_step=None):
+def train(cfg, data, run_dir=None, on_step=None, tracker=None):
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, data.input_shape, data.output_dim)
-    result = training.fit(model, data, cfg, run_dir, progress=False, on_step=on_step)
+    result = training.fit(model, data, cfg, run_dir, tracker, progress=False, on_step=on_step)
     return model, result
 
 
@@ -338,3 +338,33 @@ def test_the_noise_scale_is_measured_on_every_nth_step(digits, monkeypatch):
         train(config(train={"batch_size": 128, "micro_batch_size": 32, "max_steps": 60,
                             "noise_scale_every_steps": every}), digits)
         assert len(measured) == expected
+
+
+class RecordingTracker:
+    """Stands in for a W&B run: records what would be logged, as Tracker.log / log_train do."""
+
+    def __init__(self, log_every_steps=None):
+        self.log_every, self.rows = log_every_steps, []
+
+    def log(self, row):
+        self.rows.append(("eval", row))
+
+    def log_train(self, row):
+        if self.log_every and row["step"] % self.log_every == 0:
+            self.rows.append(("train", row))
+
+
+def test_an_offline_w_and_b_run_replayed_after_training_gets_what_live_logging_sends(digits, tmp_path):
+    from components import tracking
+
+    cfg = config(train={"max_steps": 60}, eval={"every_steps": 20})
+    live = RecordingTracker(log_every_steps=25)
+    train(cfg, digits, tmp_path, tracker=live)
+    replayed = RecordingTracker(log_every_steps=25)
+    tracking.replay(replayed, storage.read_jsonl(tmp_path / training.METRICS))
+    assert [kind for kind, _ in live.rows] == ["eval", "train", "eval", "train", "eval"]
+    assert replayed.rows == live.rows
+    first_eval = live.rows[0][1]
+    rows = storage.read_jsonl(tmp_path / training.METRICS)
+    assert first_eval["train/loss"] == pytest.approx(sum(r["train/loss"] for r in rows if r.get("step", 0) <= 20
+                                                         and "train/loss" in r) / 20)
