@@ -156,7 +156,7 @@ def main() -> None:
     # bare reference (no W&B, no checkpoints) shows what that I/O costs.
     scenarios = {
         "batch 32, bare reference": (make("disabled"), False, {"fit, tracking disabled": make("disabled")}),
-        "batch 32, W&B offline and checkpoints in both loops": (
+        "batch 32, tracking offline (the reference logs to W&B live), checkpoints in both": (
             make("offline"), True, {"fit, tracking offline": make("offline")}),
         "batch 128 = 32 x 4, checkpoints in both loops": (make("disabled", 128, 32), True, {
             "fit, noise scale off": make("disabled", 128, 32, noise=False),
