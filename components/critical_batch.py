@@ -19,9 +19,6 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
 import numpy as np
-from scipy.optimize import least_squares
-from scipy.special import expit
-
 from components.errors import DataError
 
 # Regime thresholds on |d log S / d log B| = B_crit / (B + B_crit). Above 0.8 (B <= B_crit/4) a
@@ -132,6 +129,10 @@ def fit_critical_batch(batch_sizes: Iterable[float],
     variance, and carried to S_min, E_min, B_crit by the delta method. See the module docstring
     for data that show no saturation or no scaling.
     """
+    # scipy only here: importing it costs ~0.9 s, and pipelines.submit imports this module
+    from scipy.optimize import least_squares
+    from scipy.special import expit
+
     b, s = _clean(batch_sizes, steps)
     log_b, log_s = np.log(b), np.log(s)
     log_lo = math.log(b.min() / B_CRIT_BOUND_FACTOR)

@@ -64,15 +64,15 @@ def plan(config: dict, n_train: int, probe: Optional[dict] = None) -> List[Dict]
         fits = cfg.train.micro_batch_size
     else:
         fits = None  # no probe, micro-batch "auto": the whole batch in one pass
+    # eval.patience counts the pipeline's evaluations (once per epoch by default); study runs
+    # evaluate evals_per_epoch times as often, so the same patience is that many more of them
+    evals_per_eval = cfg.study.evals_per_epoch if cfg.eval.every_steps is None else 1
     runs = []
     for batch in batch_ladder(config, n_train, probe):
         if batch > n_train:
             raise DataError(f"study.batch_sizes: batch {batch} is larger than the training split ({n_train})")
         micro = largest_divisor_at_most(batch, fits or batch)
         steps_per_epoch = n_train // batch
-        # eval.patience counts the pipeline's evaluations (once per epoch by default); study runs
-        # evaluate evals_per_epoch times as often, so the same patience is that many more of them
-        evals_per_eval = cfg.study.evals_per_epoch if cfg.eval.every_steps is None else 1
         for multiplier in cfg.study.lr_grid or [1.0]:
             for seed in range(cfg.train.seed, cfg.train.seed + cfg.study.seeds):
                 name = run_name(batch, multiplier, seed)
@@ -331,6 +331,8 @@ def report(config: dict, rows: List[Dict], study_dir: str, probe: Optional[dict]
     cfg = parse_config(config)
     study_dir = storage.local_path(study_dir)
     study = summarize(config, rows, probe)
+    # written now because the report is rendered from the study directory, exactly as
+    # pipelines.report rebuilds it; written again below with where the report and W&B runs went
     storage.write_json(study_dir / STUDY_FILE, study)
     study["report"] = str(report_html.render([report_html.load_study(study_dir)], study_dir))
 
@@ -338,7 +340,7 @@ def report(config: dict, rows: List[Dict], study_dir: str, probe: Optional[dict]
     tracker.summarize({"fit/" + k: v for k, v in study["fit"].items() if v is not None}
                       | {"answer": "\n".join(study["answer"])})
     study["wandb_dir"] = tracker.offline_dir
-    if tracker.mode == "online":
+    if tracker.live:
         study["wandb_report"] = publish_wandb_report(study, cfg.tracking.project)
     tracker.finish()
     storage.write_json(study_dir / STUDY_FILE, study)
