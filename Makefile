@@ -26,6 +26,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_loop_overhead.py
+	@if command -v valgrind >/dev/null; then $(PY) bench/train_loop_instructions.py; \
+	else echo "bench/train_loop_instructions.py skipped: it needs valgrind"; fi
 	$(PY) bench/default_run.py
 	$(PY) bench/study_vs_sweep.py
 	# bench/probe_vs_lightning.py needs lightning in a separate venv (see its docstring)

@@ -38,6 +38,17 @@ CLOCKS = {"thread": time.thread_time, "process": time.process_time, "wall": time
 CLOCK = time.thread_time
 
 
+def bench_config(epochs: int, tracking: str = "disabled", batch: int = 32, micro: int = 32,
+                 noise: bool = True) -> Config:
+    """The default config with the loop's knobs set; patience off, so every loop runs every step."""
+    raw = Config().to_dict()
+    raw["train"].update(max_epochs=epochs, batch_size=batch, micro_batch_size=micro, track_noise_scale=noise,
+                        lr_scaling="none")
+    raw["eval"].update(patience=10_000)
+    raw["tracking"].update(mode=tracking)
+    return parse_config(raw)
+
+
 def hand_written(cfg: Config, data, steps_per_epoch: int, epochs: int, run_dir: Path = None,
                  checkpoints: bool = False) -> float:
     """The reference loop. With tracking on (cfg.tracking.mode), it logs to its own W&B run once
@@ -144,12 +155,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     def make(tracking: str, batch: int = 32, micro: int = 32, noise: bool = True) -> Config:
-        raw = Config().to_dict()
-        raw["train"].update(max_epochs=args.epochs, batch_size=batch, micro_batch_size=micro,
-                            track_noise_scale=noise, lr_scaling="none")
-        raw["eval"].update(patience=10_000)  # same number of steps in every loop
-        raw["tracking"].update(mode=tracking)
-        return parse_config(raw)
+        return bench_config(args.epochs, tracking, batch, micro, noise)
 
     # (hand-written reference, whether it checkpoints too, fit variants). The issue's goals: batch
     # 32 with W&B offline (1.05x), and batch 128 = 32 x 4 with the noise scale on (1.10x). The
@@ -198,12 +204,7 @@ def main() -> None:
                 print(f"  {name:26s} {fastest:.3f} s fastest ({1e3 * fastest / steps:.3f} ms/step): "
                       f"{statistics.median(paired):.3f}x paired median (quartiles {quartiles[0]:.3f}-"
                       f"{quartiles[2]:.3f}), {fastest / base:.3f}x fastest")
-    def batch32(epochs: int) -> Config:
-        cfg = make("disabled")
-        cfg.train.max_epochs = epochs
-        return cfg
-
-    slope = per_step_cost(batch32, data, max(3, args.repeats // 3))
+    slope = per_step_cost(bench_config, data, max(3, args.repeats // 3))
     print(f"\nper-step cost, batch 32, tracking disabled (slope between 5 and 25 epochs): hand-written "
           f"{1e6 * slope['hand']:.1f} us, fit {1e6 * slope['fit']:.1f} us: {slope['fit'] / slope['hand']:.3f}x")
 

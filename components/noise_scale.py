@@ -146,15 +146,21 @@ def measure(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tenso
                     population=None if with_replacement else len(x))
 
 
-def grad_sq_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
-    """Sum of squared .grad over `parameters`, as a tensor: the caller decides when to sync.
-    One fused norm over all gradients (what clip_grad_norm_ uses): ~3x cheaper per call than a
-    norm per tensor, which matters twice per optimizer step in the training loop. Gradients
-    carry no autograd history, so no detach; norms come back in float32 or wider."""
+def grad_norms(parameters: Iterable[nn.Parameter]) -> List[torch.Tensor]:
+    """The L2 norm of each .grad, as tensors (the caller decides when to sync), from one fused
+    kernel over all gradients (what clip_grad_norm_ uses): ~3x cheaper than a norm per tensor,
+    which matters twice per measured step in the training loop. Gradients carry no autograd
+    history, so no detach."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.stack(torch._foreach_norm(grads)).square().sum()
+    return list(torch._foreach_norm(grads)) if grads else []
+
+
+def squared_totals(*norm_lists: List[torch.Tensor]) -> List[float]:
+    """|g|^2 for each list of per-tensor norms from grad_norms: one host sync for all of them."""
+    if not norm_lists[0]:
+        return [0.0] * len(norm_lists)
+    norms = torch.stack([n for norms in norm_lists for n in norms]).view(len(norm_lists), -1)
+    return norms.square().sum(dim=1).tolist()
 
 
 class NoiseScaleTracker:
@@ -164,9 +170,10 @@ class NoiseScaleTracker:
     big-batch mean gradient. The training loop divides each micro-batch loss by the number
     of accumulation steps k, so .grad holds sums of g_m / k; rescale by k^2. Two ways to get
     the micro-batch norms:
-    - cheapest: after the first micro-batch's backward, .grad is g_1 / k, so
-      k^2 x grad_sq_norm(params) is |g_1|^2 with no copy; after the last, grad_sq_norm is
-      the big-batch norm. One micro norm per step is unbiased, just noisier.
+    - cheapest: after the first micro-batch's backward, .grad is g_1 / k, so k^2 x its
+      squared norm is |g_1|^2 with no copy; after the last, .grad's squared norm is the
+      big-batch one (grad_norms after each, squared_totals once at the end). One micro
+      norm per step is unbiased, just noisier.
     - all k: snapshot the flattened accumulated grad before each micro-backward; the
       difference after it is g_m / k. That costs a copy and a subtraction of every
       parameter per micro-step (O(parameters) time and one extra gradient of memory).

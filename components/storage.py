@@ -91,6 +91,10 @@ class JsonlWriter:
     def write(self, row: dict) -> None:
         self._f.write(json.dumps(row) + "\n")
 
+    def write_line(self, line: str) -> None:
+        """A row the caller already formatted as one line of JSON (ending in a newline)."""
+        self._f.write(line)
+
     def flush(self) -> None:
         self._f.flush()
 

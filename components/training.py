@@ -30,6 +30,14 @@ from components.errors import ConfigError
 CHECKPOINT = "checkpoints/last.pt"
 METRICS = "metrics.jsonl"
 
+# The row of every optimizer step, formatted directly: json.dumps took ~4x longer, and on a small
+# model it was the loop's largest cost after torch. Every value reads back exactly: %.17g
+# round-trips any double without the search for its shortest repr (slow, and a float32 loss
+# read as a double needs 16-17 digits anyway). A non-finite loss (bare nan here) goes through
+# json.dumps.
+STEP_ROW = ('{"step": %d, "samples_seen": %d, "epoch": %r, "wall_time_s": %.4f, '
+            '"train/loss": %.17g, "lr": %r}\n')
+
 
 @dataclass
 class Plan:
@@ -113,19 +121,20 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
     micro-batch (count^2 x |.grad|^2 is that micro-batch's own |g|^2) and after the last (the
     whole batch's) feed the noise-scale estimate: two norms per step, no copies.
     """
-    count = len(indices) // micro
-    losses, first_sq = [], None
+    n = indices.shape[0]
+    count = n // micro
+    losses, first_norms = [], None
     params = list(model.parameters()) if noise is not None else None
-    for m in range(0, len(indices), micro):
+    for m in range(0, n, micro):
         mb = indices[m:m + micro] if count > 1 else indices
         loss = loss_fn(model(x[mb]), y[mb])
         (loss / count if count > 1 else loss).backward()
         losses.append(loss.detach())
-        if noise is not None and first_sq is None:
-            first_sq = noise_scale.grad_sq_norm(params)
+        if noise is not None and first_norms is None:
+            first_norms = noise_scale.grad_norms(params)
     if noise is not None:
-        first_sq, big_sq = torch.stack([first_sq, noise_scale.grad_sq_norm(params)]).tolist()
-        noise.update([first_sq * count ** 2], big_sq, micro, len(indices))
+        first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(params))
+        noise.update([first_sq * count ** 2], big_sq, micro, n)
     return losses
 
 
@@ -244,7 +253,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         if tracker:  # one W&B call per evaluation, carrying the train loss since the last one
             tracker.log(tracking.eval_row(out, loss_since_eval, optimizer.param_groups[0]["lr"]))
         loss_since_eval.clear()
-        bar.set_postfix({"train/loss": f"{train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"}, refresh=False)
+        if not bar.disable:
+            bar.set_postfix({"train/loss": f"{train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"}, refresh=False)
         eval_s += time.perf_counter() - started
 
     from tqdm.auto import tqdm
@@ -281,8 +291,9 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         for window in range(first_window, plan.steps_per_epoch):
             start = window * plan.effective_batch_size + rank * shard
             indices = order[start:start + shard]
+            lr = lr_at(step, plan.lr, t, plan.max_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.lr, t, plan.max_steps)
+                group["lr"] = lr
 
             losses, micro = memory.halving_on_oom(micro_steps, micro, smaller_micro, on_oom)
             optimizer.step()
@@ -292,8 +303,12 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
             # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
             train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
             loss_since_eval.append(train_loss)
-            out = row({"train/loss": train_loss, "lr": optimizer.param_groups[0]["lr"]})
-            if log:
+            # a dict only for W&B following live or a non-finite loss; otherwise the fast row
+            out = row({"train/loss": train_loss, "lr": lr}) if tracker or not math.isfinite(train_loss) else None
+            if log and out is None:
+                log.write_line(STEP_ROW % (step, step * plan.effective_batch_size, step / plan.steps_per_epoch,
+                                           elapsed(), train_loss, lr))
+            elif log:
                 log.write(out)
             if tracker:
                 tracker.log_train(out)

@@ -206,9 +206,9 @@ def test_tracker_says_none_while_the_gradient_is_below_the_noise():
     assert tracker.value is None
 
 
-def test_grad_sq_norm_gives_the_micro_and_big_batch_norms_an_accumulating_loop_needs(digits):
+def test_grad_norms_give_the_micro_and_big_batch_norms_an_accumulating_loop_needs(digits):
     """The cheap recipe in NoiseScaleTracker's docstring: after the first scaled micro-backward,
-    k^2 x grad_sq_norm is that micro-batch's |g|^2; after the last, grad_sq_norm is the big batch's."""
+    k^2 x its squared grad norm is that micro-batch's |g|^2; after the last, the big batch's."""
     x, y = (torch.as_tensor(a[:64]) for a in digits.split("train"))
     torch.manual_seed(0)
     model = models.mlp(digits.input_shape, digits.output_dim)
@@ -219,9 +219,8 @@ def test_grad_sq_norm_gives_the_micro_and_big_batch_norms_an_accumulating_loop_n
     for m in range(k):
         (F.cross_entropy(model(x[m * micro:(m + 1) * micro]), y[m * micro:(m + 1) * micro]) / k).backward()
         if m == 0:
-            first_sq = k ** 2 * noise_scale.grad_sq_norm(params)
-    big_sq = noise_scale.grad_sq_norm(params)
-    assert isinstance(big_sq, torch.Tensor)
-    assert first_sq.item() == pytest.approx(sum(g.pow(2).sum().item() for g in first), rel=1e-5)
-    assert big_sq.item() == pytest.approx(sum(g.pow(2).sum().item() for g in big), rel=1e-5)
-    assert noise_scale.grad_sq_norm(torch.nn.Linear(2, 2).parameters()).item() == 0.0
+            first_norms = noise_scale.grad_norms(params)  # a snapshot: later backwards add to .grad
+    first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(params))
+    assert k ** 2 * first_sq == pytest.approx(sum(g.pow(2).sum().item() for g in first), rel=1e-5)
+    assert big_sq == pytest.approx(sum(g.pow(2).sum().item() for g in big), rel=1e-5)
+    assert noise_scale.squared_totals(noise_scale.grad_norms(torch.nn.Linear(2, 2).parameters())) == [0.0]

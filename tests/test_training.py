@@ -110,6 +110,22 @@ def test_metrics_rows_per_step_and_per_evaluation(digits, tmp_path):
     assert all(a["wall_time_s"] <= b["wall_time_s"] for a, b in zip(rows, rows[1:]))
 
 
+def test_the_formatted_step_row_reads_back_as_json_dumps_writes_it():
+    """The per-step row skips json.dumps for speed; every value must still read back exactly."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    for step in range(1, 300):
+        loss = torch.tensor(rng.lognormvariate(0, 3)).item()  # a float32 value, as .item() gives
+        lr = training.lr_at(step, 0.1, config(train={"schedule": "cosine"}).train, 300)
+        expected = {"step": step, "samples_seen": 96 * step, "epoch": step / 37, "wall_time_s": round(step * 0.0173, 4),
+                    "train/loss": loss, "lr": lr}
+        line = training.STEP_ROW % (step, 96 * step, step / 37, step * 0.0173, loss, lr)
+        assert line.endswith("}\n") and line.count("\n") == 1
+        assert json.loads(line) == expected
+
+
 def test_same_seed_same_weights(digits):
     cfg = config(train={"max_steps": 30}, model={"dropout": 0.2})
     a, _ = train(cfg, digits)
@@ -198,6 +214,7 @@ def test_non_finite_loss_stops_at_once_and_restores_the_last_finite_best(digits,
     model, result = train(cfg, digits, tmp_path)
     rows = storage.read_jsonl(tmp_path / "metrics.jsonl")
     assert result.stop_reason == early_stopping.NON_FINITE
+    # the last row (written by json.dumps, not training.STEP_ROW) carries the non-finite loss
     assert not math.isfinite(rows[-1]["train/loss"]) and rows[-1]["step"] == result.optimizer_steps
     assert all(math.isfinite(r["train/loss"]) for r in rows[:-1] if "train/loss" in r)  # stopped at the first
     assert result.best_metric["step"] == 5
