@@ -326,7 +326,7 @@ def generalization_check(study: Dict) -> str:
 def report(config: dict, rows: List[Dict], study_dir: str, probe: Optional[dict] = None) -> Dict:
     """Write study.json, the report and the W&B study run; return the study."""
     from components import report as report_html
-    from components.tracking import Tracker
+    from components import tracking
 
     cfg = parse_config(config)
     study_dir = storage.local_path(study_dir)
@@ -336,11 +336,11 @@ def report(config: dict, rows: List[Dict], study_dir: str, probe: Optional[dict]
     storage.write_json(study_dir / STUDY_FILE, study)
     study["report"] = str(report_html.render([report_html.load_study(study_dir)], study_dir))
 
-    tracker = Tracker(cfg.tracking, study_dir, cfg.run_id, "study", config, group=study["wandb_group"])
+    tracker = tracking.Tracker(cfg.tracking, study_dir, cfg.run_id, "study", config, group=study["wandb_group"])
     tracker.summarize({"fit/" + k: v for k, v in study["fit"].items() if v is not None}
                       | {"answer": "\n".join(study["answer"])})
     study["wandb_dir"] = tracker.offline_dir
-    if tracker.live:
+    if tracking.follows_live(cfg.tracking):
         study["wandb_report"] = publish_wandb_report(study, cfg.tracking.project)
     tracker.finish()
     storage.write_json(study_dir / STUDY_FILE, study)

@@ -21,6 +21,11 @@ def effective_mode(cfg: TrackingConfig) -> str:
     return cfg.mode
 
 
+def follows_live(cfg: TrackingConfig) -> bool:
+    """Online W&B runs follow training live; offline ones are written after it (see replay)."""
+    return effective_mode(cfg) == "online"
+
+
 def eval_row(row: dict, train_losses: List[float], lr: Optional[float]) -> dict:
     """What W&B gets per evaluation: the evaluation's row with the mean train loss since the
     previous one and the current LR (one call per evaluation; a wandb.log costs ~1.5 ms here)."""
@@ -75,11 +80,6 @@ class Tracker:
     def summarize(self, values: dict) -> None:
         if self.run is not None:
             self.run.summary.update(values)
-
-    @property
-    def live(self) -> bool:
-        """Whether rows go to W&B during training: online only; offline runs are replayed after."""
-        return self.mode == "online"
 
     @property
     def offline_dir(self) -> Optional[str]:

@@ -37,20 +37,23 @@ def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress:
         return Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "train",
                        {**config, "data_version": data.data_version, "config_hash": config_hash(cfg)})
 
-    # Online, W&B follows training live. Offline (and disabled) the W&B run starts after
-    # training and gets metrics.jsonl replayed: its service process would otherwise compete
-    # with the training it times (measured on 2 cores: steps up to 10x slower).
-    live = tracking.effective_mode(cfg.tracking) == "online"
-    tracker = start_tracker() if live else None
+    def tracker_after_training() -> Tracker:
+        # Offline (and disabled) the W&B run starts after training and gets metrics.jsonl
+        # replayed: its service process would otherwise compete with the training it times
+        # (measured on 2 cores: steps up to 10x slower).
+        after = start_tracker()
+        metrics_path = run_dir / training.METRICS
+        if after.run is not None and metrics_path.exists():
+            tracking.replay(after, storage.read_jsonl(metrics_path))
+        return after
+
+    tracker = start_tracker() if tracking.follows_live(cfg.tracking) else None  # online: W&B follows live
     try:
         result = training.fit(model, data, cfg, run_dir, tracker, progress=progress, on_step=on_step)
     except BaseException:
-        tracker = tracker or start_tracker()
-        replay_offline(tracker, run_dir)
-        tracker.finish(failed=True)
+        (tracker or tracker_after_training()).finish(failed=True)
         raise
-    tracker = tracker or start_tracker()
-    replay_offline(tracker, run_dir)
+    tracker = tracker or tracker_after_training()
     outcome = {**result.to_dict(), "data_version": data.data_version, "config_hash": config_hash(cfg),
                "wandb_dir": tracker.offline_dir}
     tracker.summarize({k: v for k, v in outcome.items() if k != "best_metric"} | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
@@ -63,13 +66,6 @@ def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress:
     storage.save_torch(checkpoint, run_dir / MODEL_FILE)
     storage.save_torch(checkpoint, Path(model_out))
     return outcome
-
-
-def replay_offline(tracker: Tracker, run_dir: Path) -> None:
-    """An offline W&B run gets its rows after training (see tracking.replay)."""
-    metrics_path = run_dir / training.METRICS
-    if tracker.run is not None and not tracker.live and metrics_path.exists():
-        tracking.replay(tracker, storage.read_jsonl(metrics_path))
 
 
 def load_model(path: Path):

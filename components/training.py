@@ -244,8 +244,9 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
         if stopper.update(values[e.monitor], step):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if not had_target and stopper.target_step is not None:
-            target_at = {"steps": step, "samples": step * plan.effective_batch_size, "time_s": elapsed(),
-                         "train_time_s": elapsed() - eval_s - (time.perf_counter() - started)}
+            now = elapsed()
+            target_at = {"steps": step, "samples": step * plan.effective_batch_size, "time_s": now,
+                         "train_time_s": now - eval_s - (time.perf_counter() - started)}
         out = row(values)
         if log:
             log.write(out)
@@ -302,7 +303,8 @@ def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = 
 
             # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
             train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
-            loss_since_eval.append(train_loss)
+            if tracker:
+                loss_since_eval.append(train_loss)
             # a dict only for W&B following live or a non-finite loss; otherwise the fast row
             out = row({"train/loss": train_loss, "lr": lr}) if tracker or not math.isfinite(train_loss) else None
             if log and out is None:
