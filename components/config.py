@@ -34,6 +34,13 @@ VAL_METRICS = {
     "classification": ("val/loss", "val/accuracy", "val/macro_f1"),
     "regression": ("val/loss", "val/mse", "val/mae", "val/r2"),
 }
+# What eval.monitor is when not given. Regression: val/r2, not val/mse. On a fixed validation
+# split the two rank checkpoints identically (r2 = 1 - mse / var), but r2 has no units, so
+# eval.target and eval.min_delta mean the same on every dataset (a study's target 0.95 is a
+# fit quality, not a squared error in the user's units).
+DEFAULT_MONITOR = {"classification": "val/accuracy", "regression": "val/r2"}
+MODE_OF = {"val/loss": "min", "val/mse": "min", "val/mae": "min",
+           "val/accuracy": "max", "val/macro_f1": "max", "val/r2": "max"}
 
 
 @dataclass
@@ -42,7 +49,9 @@ class DataConfig:
     path: Optional[str] = None
     format: Optional[str] = None  # inferred from the path's suffix when null
     target: str = "target"
-    task: str = "classification"
+    # null: inferred from the target at data_prep (components/datasets.py: infer_task); digits and
+    # synthetic data are classification unless synthetic says task=regression
+    task: Optional[str] = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -86,19 +95,25 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_steps: Optional[int] = 200
     device: str = "auto"
-    # Track the gradient noise scale from the accumulation micro-steps (gns/b_simple): two
-    # gradient norms per measured step, no copies; needs accumulation >= 2.
+    # Track the gradient noise scale (gns/b_simple) from the accumulation micro-steps: two
+    # gradient norms per measured step, no copies. Without accumulation a measured step runs its
+    # batch as two halves (the same update), which costs a second forward/backward.
     track_noise_scale: bool = True
-    # ...on every N-th optimizer step: each of its two gradient norms costs ~70 us on a 2-core
-    # CPU (3% of a 2.2 ms step each, measured); the moving average spans ~20 measured steps.
-    noise_scale_every_steps: int = 4
+    # ...on every N-th optimizer step. null: every 4th with accumulation (each of the two norms
+    # costs ~70 us on a 2-core CPU, 3% of a 2.2 ms step), every 16th without (the split step
+    # cost ~2.2x a plain one on the digits MLP at batch 32). The moving average spans ~20 measurements.
+    noise_scale_every_steps: Optional[int] = None
+    # torch's intra-op threads. null: the CPUs this process may use (affinity mask and cgroup
+    # quota, fewer if OMP_NUM_THREADS says so); a number overrides all of them (components/cpu.py).
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
 class EvalConfig:
     every_steps: Optional[int] = None  # null: once per epoch
-    monitor: str = "val/accuracy"
-    mode: str = "max"
+    # null: follows the task (DEFAULT_MONITOR) and the monitor (MODE_OF), see for_dataset
+    monitor: Optional[str] = None
+    mode: Optional[str] = None
     patience: int = 5  # in evaluations
     min_delta: float = 0.0
     target: Optional[float] = None
@@ -130,7 +145,11 @@ class ProbeConfig:
     memory_budget_gb: Optional[float] = None
     max_micro_batch_size: int = 4096
     min_batch_size: int = 8  # smallest effective batch worth considering
-    throughput_steps: int = 5  # timed steps per micro-batch on the ladder (after one warm-up step)
+    # Throughput ladder (components/throughput.py): seconds timed per micro-batch, cut into
+    # blocks whose median and interquartile range are kept; a ladder that is slower at a larger
+    # micro-batch beyond that spread is re-measured up to `throughput_remeasure` times.
+    throughput_time_s: float = 0.02
+    throughput_remeasure: int = 2
     noise_batches: int = 32  # big batches averaged for the noise scale
     noise_accumulation: int = 4  # big batch = small batch x this
     warmup_steps: int = 50  # steps of training before the noise scale is measured (0: at init)
@@ -145,15 +164,27 @@ class StudyConfig:
     # `ladder_doublings` each way, from probe.min_batch_size up to half the training split.
     batch_sizes: Optional[List[int]] = None
     ladder_doublings: int = 3
-    seeds: int = 1  # repeats per batch size: train.seed, train.seed + 1, ...
-    # Multipliers of the scaled LR tried at every batch size, e.g. [0.5, 1, 2]: re-tuning the LR
-    # per batch is what makes the comparison fair. The multiplier reaching the target in the
-    # fewest steps represents its batch. null: only the LR that train.lr_scaling gives.
-    lr_grid: Optional[List[float]] = None
+    seeds: int = 1  # repeats per batch size and LR tried: train.seed, train.seed + 1, ...
+    confirm_seeds: int = 2  # more seeds at each batch's chosen LR, which is then chosen again on medians
+    # Multipliers of the scaled LR tried at every batch size: re-tuning the LR per batch is what
+    # makes the comparison fair. The multiplier reaching the target in the fewest steps represents
+    # its batch (components/lr_search.py). null: only the LR that train.lr_scaling gives.
+    lr_grid: Optional[List[float]] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # noise_scale: with SGD and the probe, centre each batch's grid on the LR the gradient noise
+    # scale predicts (it saturates above B_noise; the linear rule does not). rule: on the rule's LR.
+    lr_centre: str = "noise_scale"
+    lr_extensions: int = 3  # best multiplier at an edge of the grid: one more step past it, this often at most
+    divergence_retries: int = 2  # every LR tried diverged: half the lowest, this often at most
+    # A search run stops at this multiple of the fewest steps to target found at its batch so
+    # far (past it, it cannot be chosen). null: every run goes to the target or its budget.
+    search_step_cap: Optional[float] = 1.25
     max_epochs: int = 30  # budget of each run (replaces train.max_epochs)
     max_steps: Optional[int] = None
-    # Steps to target are measured at evaluations: this many per epoch bounds their error.
-    evals_per_epoch: int = 8
+    # Steps to target are measured at evaluations: a run evaluates every
+    # max(1, round(expected steps / evals_to_target)) steps, and is run again more finely when
+    # that left its steps to target known only to worse than step_precision.
+    evals_to_target: int = 40
+    step_precision: float = 0.05
     parallelism: int = 4  # runs at once on a cluster; kfp's local runner runs them one by one
 
 
@@ -230,8 +261,49 @@ def parse_config(raw: dict) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(describe_omegaconf_error(exc)) from None
+    resolve_task_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def known_task(data: DataConfig) -> Optional[str]:
+    """The task the config alone decides: data.task, or digits' and synthetic data's own
+    (synthetic generates classes unless told task=regression). A file's waits for its target."""
+    if data.task is None and data.name in ("digits", "synthetic"):
+        return "classification"
+    return data.task
+
+
+def resolve_task_defaults(cfg: Config) -> None:
+    """Fill a null data.task, eval.monitor and eval.mode where the config alone decides them;
+    for a file with data.task=null they stay null until data_prep has seen the target."""
+    d, e = cfg.data, cfg.eval
+    d.task = known_task(d)
+    if e.monitor is None and d.task in DEFAULT_MONITOR:
+        e.monitor = DEFAULT_MONITOR[d.task]
+    if e.mode is None and e.monitor in MODE_OF:
+        e.mode = MODE_OF[e.monitor]
+
+
+def for_dataset(raw: dict, manifest: dict) -> dict:
+    """The config dict with data.task, eval.monitor and eval.mode taken from the dataset
+    artifact's manifest (what data_prep decided or inferred). Every step that loads the
+    dataset calls this before parse_config. A config whose explicit data.task or eval.monitor
+    contradicts the data is refused."""
+    task = manifest["task"]
+    data, ev = dict(raw.get("data") or {}), dict(raw.get("eval") or {})
+    how = (f"inferred from the target {manifest.get('target')!r} of {manifest.get('origin')}"
+           if manifest.get("task_inferred") else f"of {manifest.get('origin')}")
+    if data.get("task") not in (None, task):
+        raise ConfigError(f"data.task: the config says {data['task']} but the dataset is {task} ({how})")
+    monitor = ev.get("monitor") or DEFAULT_MONITOR[task]
+    if monitor not in VAL_METRICS[task]:
+        hint = " (or set data.task)" if manifest.get("task_inferred") else ""
+        raise ConfigError(f"eval.monitor: {monitor} is not computed for {task} ({how}); use one of "
+                          f"{', '.join(VAL_METRICS[task])}{hint}")
+    data["task"] = task
+    ev.update(monitor=monitor, mode=ev.get("mode") or MODE_OF[monitor])
+    return {**raw, "data": data, "eval": ev}
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -247,13 +319,14 @@ def validate(cfg: Config) -> None:
     """Ranges and cross-field rules. Every message starts with the key it is about."""
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
     _one_of(d.name, DATA_NAMES, "data.name")
-    _one_of(d.task, TASKS, "data.task")
+    if d.task is not None:  # null: inferred from the target at data_prep
+        _one_of(d.task, TASKS, "data.task")
     if d.format is not None:
         _one_of(d.format, DATA_FORMATS, "data.format")
     if d.name == "file":
         _check(bool(d.path), "data.path", "required when data.name=file")
     if d.name == "digits":
-        _check(d.task == "classification", "data.task", "digits is a classification dataset")
+        _check(d.task in (None, "classification"), "data.task", "digits is a classification dataset")
     for key, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
         _check(0 < frac < 1, key, f"must be in (0, 1); got {frac}")
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction",
@@ -300,14 +373,22 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1); got {t.momentum}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0; got {t.warmup_steps}")
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0; got {t.weight_decay}")
-    _check(t.noise_scale_every_steps > 0, "train.noise_scale_every_steps",
-           f"must be > 0; got {t.noise_scale_every_steps}")
+    _check(t.noise_scale_every_steps is None or t.noise_scale_every_steps > 0, "train.noise_scale_every_steps",
+           f"must be > 0 or null; got {t.noise_scale_every_steps}")
     _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
            f"must be > 0 or null; got {t.checkpoint_every_steps}")
+    _check(t.cpu_threads is None or t.cpu_threads > 0, "train.cpu_threads", f"must be > 0 or null; got {t.cpu_threads}")
 
     _check(e.every_steps is None or e.every_steps > 0, "eval.every_steps", f"must be > 0 or null; got {e.every_steps}")
-    _one_of(e.monitor, VAL_METRICS[d.task], "eval.monitor")
-    _one_of(e.mode, MODES, "eval.mode")
+    # null monitor/mode follow the task (resolve_task_defaults, for_dataset); the monitor is
+    # checked against the task once both are known
+    if e.monitor is not None:
+        _one_of(e.monitor, VAL_METRICS[d.task] if d.task else tuple(MODE_OF), "eval.monitor")
+    if e.mode is not None:
+        _one_of(e.mode, MODES, "eval.mode")
+    if e.monitor is not None and e.mode is not None:
+        _check(e.mode == MODE_OF[e.monitor], "eval.mode", f"{e.monitor} improves towards "
+               f"{'larger' if MODE_OF[e.monitor] == 'max' else 'smaller'} values; use eval.mode={MODE_OF[e.monitor]}")
     _check(e.patience > 0, "eval.patience", f"must be > 0; got {e.patience}")
     _check(e.min_delta >= 0, "eval.min_delta", f"must be >= 0; got {e.min_delta}")
 
@@ -315,8 +396,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= p.memory_margin < 1, "probe.memory_margin", f"must be in [0, 1); got {p.memory_margin}")
     _check(p.memory_budget_gb is None or p.memory_budget_gb > 0, "probe.memory_budget_gb",
            f"must be > 0 or null; got {p.memory_budget_gb}")
-    for key in ("max_micro_batch_size", "min_batch_size", "throughput_steps"):
+    for key in ("max_micro_batch_size", "min_batch_size", "throughput_time_s"):
         _check(getattr(p, key) > 0, f"probe.{key}", f"must be > 0; got {getattr(p, key)}")
+    _check(p.throughput_remeasure >= 0, "probe.throughput_remeasure", f"must be >= 0; got {p.throughput_remeasure}")
     _check(p.noise_batches >= 2, "probe.noise_batches", f"must be >= 2; got {p.noise_batches}")
     _check(p.noise_accumulation >= 2, "probe.noise_accumulation", f"must be >= 2; got {p.noise_accumulation}")
     _check(p.warmup_steps >= 0, "probe.warmup_steps", f"must be >= 0; got {p.warmup_steps}")
@@ -325,13 +407,19 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.pipeline, PIPELINES, "pipeline")
     if cfg.pipeline == "study":
         _check(e.target is not None, "eval.target", "the study measures steps to a target; set eval.target "
-               f"(a value of {e.monitor} every batch size should reach)")
+               f"(a value of {e.monitor or 'the monitored metric'} every batch size should reach)")
     _check(s.batch_sizes is None or (len(s.batch_sizes) > 0 and all(b > 0 for b in s.batch_sizes)),
            "study.batch_sizes", f"must be positive sizes or null; got {s.batch_sizes}")
     _check(s.lr_grid is None or (len(s.lr_grid) > 0 and all(m > 0 for m in s.lr_grid)), "study.lr_grid",
            f"must be positive multipliers or null; got {s.lr_grid}")
-    for key in ("ladder_doublings", "seeds", "max_epochs", "evals_per_epoch", "parallelism"):
+    for key in ("ladder_doublings", "seeds", "max_epochs", "evals_to_target", "parallelism"):
         _check(getattr(s, key) > 0, f"study.{key}", f"must be > 0; got {getattr(s, key)}")
+    _one_of(s.lr_centre, ("noise_scale", "rule"), "study.lr_centre")
+    for key in ("lr_extensions", "divergence_retries", "confirm_seeds"):
+        _check(getattr(s, key) >= 0, f"study.{key}", f"must be >= 0; got {getattr(s, key)}")
+    _check(s.search_step_cap is None or s.search_step_cap >= 1, "study.search_step_cap",
+           f"must be >= 1 or null; got {s.search_step_cap}")
+    _check(0 < s.step_precision < 1, "study.step_precision", f"must be in (0, 1); got {s.step_precision}")
     _check(s.max_steps is None or s.max_steps > 0, "study.max_steps", f"must be > 0 or null; got {s.max_steps}")
 
     _one_of(cfg.tracking.mode, TRACKING_MODES, "tracking.mode")

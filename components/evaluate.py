@@ -5,55 +5,52 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from components import datasets, metrics, storage
-from components.config import load_config_file, parse_config
+from components.config import for_dataset, load_config_file, parse_config
 from components.errors import DataError, exit_on_user_error
+from components.run_record import RunRecord
 from components.tracking import Tracker
 
 
 def run(config: dict, dataset_path: str, model_path: str, train_result: dict, run_dir: str,
         probe_decision: Optional[dict] = None) -> dict:
+    """Test the trained model; write the run's summary.json. A run with no finite evaluation has
+    no model: its summary says so (status diverged, test {}), and nothing is loaded."""
     from components.train import load_model
 
+    data = datasets.load(Path(dataset_path))
+    config = for_dataset(config, data.manifest)
     cfg = parse_config(config)
     run_dir = storage.local_path(run_dir)
-    data = datasets.load(Path(dataset_path))
-    model, checkpoint = load_model(Path(model_path))
-    if checkpoint["data_version"] != data.data_version:
-        raise DataError(f"evaluate: the model was trained on data {checkpoint['data_version']}, "
-                        f"not on this dataset ({data.data_version})")
-    x_test, y_test = (torch.as_tensor(a) for a in data.split("test"))
-    test = metrics.evaluate(model, x_test, y_test, data.task, data.manifest["n_classes"] or 0,
-                            prefix="test", full=True)
-
     r = train_result
-    summary = {
-        "run_id": cfg.run_id, "status": "completed", "stop_reason": r["stop_reason"],
-        "effective_batch_size": r["effective_batch_size"], "micro_batch_size": r["micro_batch_size"],
-        "accumulation_steps": r["accumulation_steps"], "world_size": r["world_size"],
-        "lr": r["lr"], "optimizer": cfg.train.optimizer, "optimizer_steps": r["optimizer_steps"],
-        "epochs": r["epochs"], "samples_seen": r["samples_seen"], "wall_time_s": r["wall_time_s"],
-        "best_metric": r["best_metric"], "test": {k.removeprefix("test/"): v for k, v in test.items()},
-        "steps_to_target": r["steps_to_target"], "samples_to_target": r["samples_to_target"],
-        "time_to_target_s": r["time_to_target_s"], "target": cfg.eval.target,
-        "train_time_to_target_s": r.get("train_time_to_target_s"), "eval_time_s": r.get("eval_time_s"),
-        "resumed_from_step": r["resumed_from_step"], "steps_per_epoch": r["steps_per_epoch"],
-        "data_version": data.data_version, "config_hash": r["config_hash"],
-        "counts": data.manifest["counts"], "wandb_dir": r.get("wandb_dir"),
-        "oom_events": r.get("oom_events", []), "gns_b_simple": r.get("gns_b_simple"),
-        "probe": probe_decision,  # what the probe chose and why; null when it did not run
-    }
+    test = {}
+    if r["best_metric"]["value"] is None:
+        print(f"evaluate: no model to test: no evaluation of the run was finite ({r['divergence']['detail']})",
+              flush=True)
+    else:
+        model, checkpoint = load_model(Path(model_path))
+        if checkpoint["data_version"] != data.data_version:
+            raise DataError(f"evaluate: the model was trained on data {checkpoint['data_version']}, "
+                            f"not on this dataset ({data.data_version})")
+        x_test, y_test = (torch.as_tensor(a) for a in data.split("test"))
+        test = metrics.evaluate(model, x_test, y_test, data.task, data.manifest["n_classes"] or 0,
+                                prefix="test", full=True, target_scale=data.manifest.get("target_scale"))
+
+    record = RunRecord.from_training(r, cfg.run_id, cfg.train.optimizer, cfg.eval.target, data.manifest, test,
+                                     probe_decision)
+    summary = record.to_dict()
     storage.write_json(run_dir / "summary.json", summary)
 
     tracker = Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "evaluate",
                       {**config, "data_version": data.data_version})
-    tracker.summarize({k: v for k, v in test.items() if k != "test/confusion_matrix"})
-    tracker.finish()
+    tracker.summarize({k: v for k, v in test.items() if k != "test/confusion_matrix"} | {"status": r["status"]})
+    tracker.finish(failed=r["status"] != "completed")
     return summary
 
 
@@ -70,8 +67,12 @@ def main(argv=None) -> None:
     from components import probe
 
     decision = probe.decision(storage.read_json(args.probe)) if args.probe else None
-    run(load_config_file(args.config), args.dataset, args.model, storage.read_json(args.train_result), args.run_dir,
-        decision)
+    summary = run(load_config_file(args.config), args.dataset, args.model, storage.read_json(args.train_result),
+                  args.run_dir, decision)
+    if summary["status"] == "diverged":  # not a result: say so and exit non-zero
+        d = summary["divergence"]
+        print(f"evaluate: the run diverged: {d['detail']} (lr {d['lr']:.3g}); {d['advice']}", file=sys.stderr)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

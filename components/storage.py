@@ -5,6 +5,7 @@ summary or dataset behind.
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,8 +59,31 @@ def write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
+def strict(obj: Any) -> Any:
+    """`obj` with every NaN/inf float replaced by null, so the file is strict JSON (Python's json
+    writes bare NaN tokens that other parsers refuse). In a mapping the reason goes beside it:
+    {"r2": null, "r2_note": "non-finite (nan)"}."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out[key] = strict(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                out[f"{key}_note"] = f"non-finite ({value})"
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON: non-finite floats become null (see `strict`)."""
+    return json.dumps(strict(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -89,7 +113,7 @@ class JsonlWriter:
         self._f = open(self.path, "a")
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(dumps(row) + "\n")
 
     def write_line(self, line: str) -> None:
         """A row the caller already formatted as one line of JSON (ending in a newline)."""

@@ -40,7 +40,8 @@ def replay(tracker: "Tracker", rows: Iterable[dict]) -> None:
     losses, lr = [], None
     for row in rows:
         if "train/loss" in row:
-            losses.append(row["train/loss"])
+            if row["train/loss"] is not None:  # null: a non-finite loss (strict JSON)
+                losses.append(row["train/loss"])
             lr = row["lr"]
             tracker.log_train(row)
         elif any(key.startswith("val/") for key in row):

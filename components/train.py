@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from components import datasets, models, storage, tracking, training
-from components.config import config_hash, load_config_file, parse_config
+from components.config import config_hash, for_dataset, load_config_file, parse_config
+from components.cpu import configure_threads
 from components.errors import exit_on_user_error
 from components.tracking import Tracker
 
@@ -22,14 +23,14 @@ MODEL_FILE = "model.pt"  # in the run directory: the best weights with their met
 
 def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress: Optional[bool] = None,
         on_step=None) -> dict:
-    cfg = parse_config(config)
-    run_dir = storage.local_path(run_dir)
+    """Train on the dataset artifact; write model.pt (the best weights) unless no evaluation was
+    finite, metrics.jsonl and checkpoints into run_dir. The outcome's `status` is "completed"
+    or "diverged" (then `divergence` says which rule, where, and what to try)."""
     data = datasets.load(Path(dataset_path))
-    plan = training.Plan.make(cfg, data.manifest["counts"]["train"])
-    storage.write_json(run_dir / "summary.json", {
-        "run_id": cfg.run_id, "status": "running", "planned_steps": plan.max_steps,
-        "steps_per_epoch": plan.steps_per_epoch, "data_version": data.data_version})
-
+    config = for_dataset(config, data.manifest)
+    cfg = parse_config(config)
+    configure_threads(cfg.train)
+    run_dir = storage.local_path(run_dir)
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, data.input_shape, data.output_dim)
 
@@ -49,20 +50,38 @@ def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress:
 
     tracker = start_tracker() if tracking.follows_live(cfg.tracking) else None  # online: W&B follows live
     try:
-        result = training.fit(model, data, cfg, run_dir, tracker, progress=progress, on_step=on_step)
+        # the trainer refuses a run directory holding another run before anything is written there
+        trainer = training.Trainer(model, data, cfg, run_dir, tracker, progress=progress, on_step=on_step)
+        plan = trainer.plan
+        progress_summary = {"run_id": cfg.run_id, "planned_steps": plan.max_steps,
+                            "steps_per_epoch": plan.steps_per_epoch, "data_version": data.data_version}
+        storage.write_json(run_dir / "summary.json", {**progress_summary, "status": "running"})
+        result = trainer.fit()
     except BaseException:
         (tracker or tracker_after_training()).finish(failed=True)
         raise
+    storage.write_json(run_dir / "summary.json", {
+        **progress_summary, "status": "trained" if result.status == "completed" else result.status,
+        "stop_reason": result.stop_reason, "optimizer_steps": result.optimizer_steps})
     tracker = tracker or tracker_after_training()
     outcome = {**result.to_dict(), "data_version": data.data_version, "config_hash": config_hash(cfg),
-               "wandb_dir": tracker.offline_dir}
-    tracker.summarize({k: v for k, v in outcome.items() if k != "best_metric"} | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
-    tracker.finish()
+               "wandb_dir": tracker.offline_dir, "task": data.task,
+               "model_file": str(run_dir / MODEL_FILE) if result.best_metric["value"] is not None else None}
+    tracker.summarize({k: v for k, v in outcome.items() if k not in ("best_metric", "divergence")}
+                      | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
+    tracker.finish(failed=result.status != "completed")
 
+    if outcome["model_file"] is None:  # no finite evaluation: there is no best model to save
+        print(f"train: no model saved: {result.divergence['detail']}", flush=True)
+        return outcome
     checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": config,
                   "data_version": data.data_version, "config_hash": config_hash(cfg),
                   "input_shape": list(data.input_shape), "output_dim": data.output_dim,
-                  "best_metric": result.best_metric}
+                  "best_metric": result.best_metric, "status": result.status,
+                  # what a prediction needs to go from raw features to the target's own units
+                  "task": data.task, "classes": data.manifest["classes"],
+                  "normalization": data.manifest["normalization"],
+                  "target_scale": data.manifest.get("target_scale")}
     storage.save_torch(checkpoint, run_dir / MODEL_FILE)
     storage.save_torch(checkpoint, Path(model_out))
     return outcome

@@ -23,19 +23,21 @@ import torch
 from torch import nn
 
 from components import early_stopping, memory, metrics, noise_scale, storage, tracking
-from components.config import Config, TrainConfig, config_hash, largest_divisor_at_most
+from components.config import (Config, TrainConfig, config_hash, for_dataset, largest_divisor_at_most,
+                               parse_config)
 from components.datasets import Dataset
 from components.errors import ConfigError
 
 CHECKPOINT = "checkpoints/last.pt"
+NOISE_EVERY, NOISE_EVERY_SPLIT = 4, 16  # default noise-measuring interval (train.noise_scale_every_steps)
 METRICS = "metrics.jsonl"
 
 # The row of every optimizer step, formatted directly: json.dumps took ~4x longer, and on a small
 # model it was the loop's largest cost after torch. Every value reads back exactly: %.17g
 # round-trips any double without the search for its shortest repr (slow, and a float32 loss
-# read as a double needs 16-17 digits anyway). A non-finite loss (bare nan here) goes through
-# json.dumps.
-STEP_ROW = ('{"step": %d, "samples_seen": %d, "epoch": %r, "wall_time_s": %.4f, '
+# read as a double needs 16-17 digits anyway). A non-finite loss goes through
+# JsonlWriter.write, which writes it as null (strict JSON).
+STEP_ROW = ('{"step": %d, "samples_seen": %d, "epoch": %r, "wall_time_s": %.6f, '
             '"train/loss": %.17g, "lr": %r}\n')
 
 
@@ -138,6 +140,17 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
     return losses
 
 
+def measuring_micro(shard: int, micro: int) -> Optional[int]:
+    """The micro-batch of a noise-measuring step. With accumulation, the step's own; with one
+    micro-batch per step, the batch split into (nearly) two equal halves: the same update
+    (accumulation is exact), and the half-batch gradient is the small-batch norm B_simple needs.
+    None when the batch cannot be split into at most 4 equal parts."""
+    if micro < shard:
+        return micro
+    half = largest_divisor_at_most(shard, shard // 2) if shard > 1 else 0
+    return half if half and shard // half <= 4 else None
+
+
 @dataclass
 class FitResult:
     plan: Plan
@@ -146,7 +159,7 @@ class FitResult:
     epochs: float
     wall_time_s: float
     stop_reason: str
-    best_metric: dict  # {name, value, step}
+    best_metric: dict  # {name, value, step}; value None when no evaluation was finite
     steps_to_target: Optional[int]
     samples_to_target: Optional[int]
     time_to_target_s: Optional[float]
@@ -154,9 +167,11 @@ class FitResult:
     micro_batch_size: int  # at the end: smaller than planned after an out-of-memory retry
     accumulation_steps: int
     oom_events: List[dict] = field(default_factory=list)
-    gns_b_simple: Optional[float] = None  # noise scale tracked during training (accumulation >= 2)
+    gns_b_simple: Optional[float] = None  # noise scale tracked during training
     eval_time_s: float = 0.0  # of wall_time_s, spent evaluating
     train_time_to_target_s: Optional[float] = None  # time_to_target_s less the evaluations before it
+    status: str = "completed"  # or "diverged": see components/early_stopping.py
+    divergence: Optional[dict] = None  # {rule, detail, step, lr, advice} when diverged
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -164,193 +179,317 @@ class FitResult:
         return {**plan, **out}
 
 
+def advice(lr: float, plan: Plan) -> str:
+    """What to try after a divergence, in one line."""
+    warmup = max(10, plan.max_steps // 20)
+    smaller = plan.effective_batch_size // 2
+    return (f"try a lower train.lr (e.g. {lr / 4:.3g}), train.warmup_steps={warmup}"
+            + (f", or a smaller batch (train.batch_size={smaller})" if smaller >= 1 else ""))
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue where it stopped: what a checkpoint holds.
+
+    The model, optimizer, early-stopping and noise-scale objects keep their own state; this
+    collects it with the loop's counters, so a checkpoint is `state_dict()` and a resume is
+    `load_state_dict()`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stopper: early_stopping.EarlyStopping
+    noise: Optional[noise_scale.NoiseScaleTracker]
+    micro_batch_size: int  # halves on out-of-memory; the effective batch never changes
+    step: int = 0
+    wall_time_s: float = 0.0  # before this process started
+    eval_time_s: float = 0.0  # wall time spent evaluating: a study evaluates often, and that is not training
+    best_state: Optional[dict] = None
+    target_at: Optional[dict] = None
+    oom_events: List[dict] = field(default_factory=list)
+    first_loss: Optional[float] = None  # the first step's train loss: the yardstick of loss_exploded
+    divergence: Optional[dict] = None
+    finished: bool = False
+
+    _COUNTERS = ("step", "wall_time_s", "eval_time_s", "best_state", "target_at", "micro_batch_size", "oom_events",
+                 "first_loss", "divergence", "finished")
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self._COUNTERS},
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "stopper": self.stopper.state_dict(), "rng": torch.get_rng_state(),
+                "noise": vars(self.noise) if self.noise is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self._COUNTERS:
+            setattr(self, key, state[key])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stopper.load_state_dict(state["stopper"])
+        torch.set_rng_state(state["rng"])
+        if self.noise is not None and state["noise"] is not None:
+            vars(self.noise).update(state["noise"])
+
+
+class Trainer:
+    """One run's training: the loop over a TrainState, evaluation, checkpoints and metrics.
+
+    Only rank 0 writes (metrics.jsonl, checkpoints); every rank trains its shard of each
+    window. With `run_dir`, calling `fit()` again on the same directory resumes from the last
+    checkpoint. `progress=None` shows a bar only on a terminal. `on_step(step)` runs after
+    every optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
+                 tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
+                 on_step: Optional[Callable[[int], None]] = None, rank: int = 0):
+        if cfg.eval.monitor is None or cfg.data.task is None:  # decided by the data (components.config.for_dataset)
+            cfg = parse_config(for_dataset(cfg.to_dict(), data.manifest))
+        t, e = cfg.train, cfg.eval
+        self.cfg, self.data, self.tracker, self.on_step, self.progress = cfg, data, tracker, on_step, progress
+        self.device = resolve_device(t.device)
+        self.x_train, self.y_train = (torch.as_tensor(a).to(self.device) for a in data.split("train"))
+        self.x_val, self.y_val = (torch.as_tensor(a).to(self.device) for a in data.split("val"))
+        self.plan = plan = Plan.make(cfg, len(self.x_train))
+        self.loss_fn = metrics.loss_fn(data.task)
+        self.n_classes = data.manifest["n_classes"] or 0
+        self.target_scale = data.manifest.get("target_scale")  # regression: metrics in the target's units
+        self.rank = rank
+        self.shard = plan.effective_batch_size // plan.world_size  # examples this rank sees per step
+        # a measured step without accumulation runs two half-batches: a second forward/backward
+        self.noise_every = t.noise_scale_every_steps or (NOISE_EVERY if plan.accumulation_steps > 1
+                                                         else NOISE_EVERY_SPLIT)
+        model.to(self.device).train()
+        noise = noise_scale.NoiseScaleTracker(population=plan.n_train) if t.track_noise_scale else None
+        self.state = TrainState(
+            model=model, optimizer=make_optimizer(model, t, plan.lr), noise=noise,
+            stopper=early_stopping.EarlyStopping(e.mode, e.patience, e.min_delta, e.target, e.divergence_threshold,
+                                                 e.stop_at_target),
+            micro_batch_size=plan.micro_batch_size)
+        self.checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir else None
+        self.identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
+        self.resumed_from: Optional[int] = None
+        self.eval_chunk = 4096  # no activations are kept for backward, so big chunks usually fit; halved if not
+        self.loss_since_eval: List[float] = []  # train losses since the last evaluation, for W&B and loss_exploded
+        self.train_loss = float("nan")
+        self.indices: Optional[torch.Tensor] = None  # the current step's examples
+        self.t0 = time.perf_counter()
+        self._resume_or_seed(run_dir)
+
+    # ------------------------------------------------------------ state
+
+    def _resume_or_seed(self, run_dir: Optional[Path]) -> None:
+        ckpt = None
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            ckpt = storage.load_torch(self.checkpoint_path)
+            for key, value in self.identity.items():  # before anything in the directory is touched
+                if ckpt[key] != value:
+                    raise ConfigError(f"run_id: {self.checkpoint_path.parent.parent} holds a run with a different "
+                                      f"{key} ({ckpt[key]} != {value}); choose another run_id")
+        self.log = storage.JsonlWriter(Path(run_dir) / METRICS) if run_dir and self.rank == 0 else None
+        if ckpt is None:
+            torch.manual_seed(self.cfg.train.seed)  # dropout draws; the model was initialised by the caller
+            return
+        self.state.load_state_dict(ckpt)
+        self.resumed_from = self.state.step
+        if self.log:
+            self.log.truncate(ckpt["metrics_offset"])  # rows after the checkpoint are written again
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None or self.rank != 0:
+            return
+        self.state.wall_time_s, before = self.elapsed(), self.state.wall_time_s
+        try:
+            storage.save_torch({**self.identity, **self.state.state_dict(),
+                                "metrics_offset": self.log.offset() if self.log else 0}, self.checkpoint_path)
+        finally:
+            self.state.wall_time_s = before  # elapsed() adds this process's time to it
+
+    def elapsed(self) -> float:
+        return self.state.wall_time_s + time.perf_counter() - self.t0
+
+    def row(self, extra: dict) -> dict:
+        step, plan = self.state.step, self.plan
+        return {"step": step, "samples_seen": step * plan.effective_batch_size,
+                "epoch": step / plan.steps_per_epoch, "wall_time_s": round(self.elapsed(), 6), **extra}
+
+    # ------------------------------------------------------------ one step, one evaluation
+
+    def micro_steps(self, m: int) -> List[torch.Tensor]:
+        """One optimizer step's forward/backward at micro-batch m over the current indices."""
+        s = self.state
+        if s.noise is not None and s.step % self.noise_every == 0:
+            measure_at = measuring_micro(self.shard, m)
+            if measure_at is not None:
+                return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices,
+                                            measure_at, s.noise)
+        return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices, m)
+
+    def smaller_micro(self, m: int) -> int:
+        return largest_divisor_at_most(self.shard, m // 2)
+
+    def on_oom(self, old: int, new: int) -> None:
+        # Out of memory (variable inputs, fragmentation): redo this step with a smaller
+        # micro-batch and more accumulation: the same update, the same effective batch.
+        self.state.optimizer.zero_grad(set_to_none=True)
+        self.state.oom_events.append({"step": self.state.step + 1, "from": old, "to": new})
+        if self.log:
+            self.log.write(self.row({"event": "out_of_memory", "micro_batch_size": new,
+                                     "accumulation_steps": self.shard // new}))
+
+    def validation_metrics(self) -> dict:
+        values, self.eval_chunk = memory.halving_on_oom(
+            lambda chunk: metrics.evaluate(self.state.model, self.x_val, self.y_val, self.data.task, self.n_classes,
+                                           chunk=chunk, target_scale=self.target_scale), self.eval_chunk)
+        return values
+
+    def evaluate(self, bar) -> None:
+        s, e = self.state, self.cfg.eval
+        started = time.perf_counter()
+        values = self.validation_metrics()
+        if s.noise is not None and s.noise.value is not None:
+            values["gns/b_simple"] = s.noise.value
+        had_target = s.stopper.target_step is not None
+        if self.loss_since_eval and s.first_loss is not None:
+            s.stopper.train_loss(sum(self.loss_since_eval) / len(self.loss_since_eval), s.first_loss, s.step)
+        # NaN weights can still give a finite accuracy (argmax of NaN logits): the loss tells
+        monitored = values[e.monitor] if math.isfinite(values["val/loss"]) else values["val/loss"]
+        if not s.stopper.diverged and s.stopper.update(monitored, s.step, e.monitor):
+            s.best_state = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+        if not had_target and s.stopper.target_step is not None:
+            now = self.elapsed()
+            s.target_at = {"steps": s.step, "samples": s.step * self.plan.effective_batch_size, "time_s": now,
+                           "train_time_s": now - s.eval_time_s - (time.perf_counter() - started)}
+        out = self.row(values)
+        if self.log:
+            self.log.write(out)
+            self.log.flush()
+        if self.tracker:  # one W&B call per evaluation, carrying the train loss since the last one
+            self.tracker.log(tracking.eval_row(out, self.loss_since_eval, s.optimizer.param_groups[0]["lr"]))
+        self.loss_since_eval.clear()
+        if not bar.disable:
+            bar.set_postfix({"train/loss": f"{self.train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"},
+                            refresh=False)
+        s.eval_time_s += time.perf_counter() - started
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        """Train the model in place and leave the best weights (by `eval.monitor`) loaded in it."""
+        from tqdm.auto import tqdm
+
+        s, plan = self.state, self.plan
+        bar = tqdm(total=plan.max_steps, initial=s.step, unit="step", desc="train",
+                   disable=(None if self.progress is None else not self.progress))
+        self.t0 = time.perf_counter()
+        try:
+            if s.step == 0 and s.stopper.first is None:  # where it started: what a collapse falls back to
+                s.stopper.start(self.validation_metrics()[self.cfg.eval.monitor])
+                self.t0 = time.perf_counter()  # not training time
+            if not s.finished:
+                self._loop(bar)
+                self._finish(bar)
+        except KeyboardInterrupt:
+            self.save_checkpoint()  # Ctrl-C: the run resumes from here
+            raise
+        finally:
+            bar.close()
+            if self.log:
+                self.log.close()
+        if s.best_state is not None:
+            s.model.load_state_dict(s.best_state)
+        return self.result()
+
+    def _loop(self, bar) -> None:
+        s, plan, t, log = self.state, self.plan, self.cfg.train, self.log
+        stopper, optimizer, shard, rank = s.stopper, s.optimizer, self.shard, self.rank
+        last_flush = time.perf_counter()
+        last_eval_step = s.step
+        while not stopper.should_stop and s.step < plan.max_steps:
+            epoch, first_window = divmod(s.step, plan.steps_per_epoch)
+            order = epoch_order(t.seed, epoch, plan.n_train).to(self.device)
+            for window in range(first_window, plan.steps_per_epoch):
+                start = window * plan.effective_batch_size + rank * shard
+                self.indices = order[start:start + shard]
+                lr = lr_at(s.step, plan.lr, t, plan.max_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                losses, s.micro_batch_size = memory.halving_on_oom(self.micro_steps, s.micro_batch_size,
+                                                                   self.smaller_micro, self.on_oom)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                s.step += 1
+                step = s.step
+
+                # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
+                self.train_loss = train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
+                self.loss_since_eval.append(train_loss)
+                if s.first_loss is None:
+                    s.first_loss = train_loss
+                finite = math.isfinite(train_loss)
+                # a dict only for W&B following live or a non-finite loss; otherwise the fast row
+                out = self.row({"train/loss": train_loss, "lr": lr}) if self.tracker or not finite else None
+                if log and out is None:
+                    log.write_line(STEP_ROW % (step, step * plan.effective_batch_size, step / plan.steps_per_epoch,
+                                               self.elapsed(), train_loss, lr))
+                elif log:
+                    log.write(out)
+                if self.tracker:
+                    self.tracker.log_train(out)
+                bar.update()
+                if self.on_step:
+                    self.on_step(step)
+                if not finite:
+                    stopper.non_finite_loss(train_loss, step)
+                    break
+                if step % plan.eval_every_steps == 0 or step == plan.max_steps:
+                    self.evaluate(bar)
+                    last_eval_step = step
+                if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                if stopper.should_stop or step >= plan.max_steps:
+                    break
+                if log and time.perf_counter() - last_flush > 0.5:  # keeps progress readers current
+                    log.flush()
+                    last_flush = time.perf_counter()
+        if last_eval_step != s.step and stopper.stop_reason != early_stopping.NON_FINITE:
+            self.evaluate(bar)  # the last steps count toward the best weights too
+
+    def _finish(self, bar) -> None:
+        s = self.state
+        if s.stopper.diverged:
+            lr = s.optimizer.param_groups[0]["lr"]
+            s.divergence = {"rule": s.stopper.divergence_rule, "detail": s.stopper.divergence_detail,
+                            "step": s.step, "lr": lr, "advice": advice(lr, self.plan)}
+        bar.set_description_str(f"train ({self.stop_reason()})")
+        s.finished = True
+        self.save_checkpoint()
+
+    def stop_reason(self) -> str:
+        return self.state.stopper.stop_reason or self.plan.limit
+
+    def result(self) -> FitResult:
+        s, plan, target_at = self.state, self.plan, self.state.target_at
+        stopper = s.stopper
+        return FitResult(
+            plan=plan, optimizer_steps=s.step, samples_seen=s.step * plan.effective_batch_size,
+            epochs=s.step / plan.steps_per_epoch, wall_time_s=self.elapsed(), stop_reason=self.stop_reason(),
+            best_metric={"name": self.cfg.eval.monitor, "value": stopper.best if s.best_state is not None else None,
+                         "step": stopper.best_step if s.best_state is not None else None},
+            steps_to_target=target_at["steps"] if target_at else None,
+            samples_to_target=target_at["samples"] if target_at else None,
+            time_to_target_s=target_at["time_s"] if target_at else None,
+            resumed_from_step=self.resumed_from, micro_batch_size=s.micro_batch_size,
+            accumulation_steps=self.shard // s.micro_batch_size, oom_events=s.oom_events,
+            gns_b_simple=s.noise.value if s.noise is not None else None, eval_time_s=s.eval_time_s,
+            train_time_to_target_s=target_at["train_time_s"] if target_at else None,
+            status="diverged" if s.divergence else "completed", divergence=s.divergence,
+        )
+
+
 def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
         tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
         on_step: Optional[Callable[[int], None]] = None, rank: int = 0) -> FitResult:
-    """Train `model` in place and leave the best weights (by `eval.monitor`) loaded in it.
-
-    With `run_dir`, metrics go to metrics.jsonl and checkpoints to checkpoints/last.pt;
-    calling again with the same run_dir resumes from the last checkpoint. `progress=None`
-    shows a bar only on a terminal. `on_step(step)` runs after every optimizer step.
-    """
-    t, e = cfg.train, cfg.eval
-    device = resolve_device(t.device)
-    x_train, y_train = (torch.as_tensor(a).to(device) for a in data.split("train"))
-    x_val, y_val = (torch.as_tensor(a).to(device) for a in data.split("val"))
-    plan = Plan.make(cfg, len(x_train))
-    loss_fn = metrics.loss_fn(data.task)
-    n_classes = data.manifest["n_classes"] or 0
-    shard = plan.effective_batch_size // plan.world_size  # examples this rank sees per step
-    micro = plan.micro_batch_size  # halves on out-of-memory; the effective batch never changes
-    oom_events: List[dict] = []
-    noise = noise_scale.NoiseScaleTracker(population=plan.n_train) if t.track_noise_scale else None
-
-    model.to(device).train()
-    optimizer = make_optimizer(model, t, plan.lr)
-    stopper = early_stopping.EarlyStopping(e.mode, e.patience, e.min_delta, e.target, e.divergence_threshold,
-                                           e.stop_at_target)
-    step, elapsed_before, best_state, target_at, resumed_from, finished = 0, 0.0, None, None, None, False
-    eval_s = 0.0  # wall time spent evaluating: a study evaluates often, and that is not training
-    log = storage.JsonlWriter(Path(run_dir) / METRICS) if run_dir else None
-    identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
-
-    checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir else None
-    if checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = storage.load_torch(checkpoint_path)
-        for key, value in identity.items():
-            if ckpt[key] != value:
-                raise ConfigError(f"run_id: {run_dir} holds a run with a different {key} "
-                                  f"({ckpt[key]} != {value}); choose another run_id")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        stopper.load_state_dict(ckpt["stopper"])
-        torch.set_rng_state(ckpt["rng"])
-        step, elapsed_before, best_state, target_at = ckpt["step"], ckpt["wall_time_s"], ckpt["best_state"], ckpt["target_at"]
-        micro, oom_events, eval_s = ckpt["micro_batch_size"], ckpt["oom_events"], ckpt["eval_time_s"]
-        if noise is not None:
-            vars(noise).update(ckpt["noise"])
-        resumed_from, finished = step, ckpt["finished"]
-        if log:
-            log.truncate(ckpt["metrics_offset"])  # rows after the checkpoint are written again
-    else:
-        torch.manual_seed(t.seed)  # dropout draws; the model was initialised by the caller
-
-    def save_checkpoint(finished: bool) -> None:
-        if checkpoint_path is None or rank != 0:
-            return
-        storage.save_torch({
-            **identity, "step": step, "finished": finished, "wall_time_s": elapsed(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "stopper": stopper.state_dict(), "rng": torch.get_rng_state(),
-            "best_state": best_state, "target_at": target_at, "micro_batch_size": micro, "oom_events": oom_events,
-            "eval_time_s": eval_s,
-            "noise": vars(noise) if noise is not None else None,
-            "metrics_offset": log.offset() if log else 0,
-        }, checkpoint_path)
-
-    def row(extra: dict) -> dict:
-        return {"step": step, "samples_seen": step * plan.effective_batch_size,
-                "epoch": step / plan.steps_per_epoch, "wall_time_s": round(elapsed(), 4), **extra}
-
-    def evaluate() -> None:
-        nonlocal best_state, target_at, eval_chunk, eval_s
-        started = time.perf_counter()
-        # no activations are kept for backward, so big chunks usually fit; halve if not
-        values, eval_chunk = memory.halving_on_oom(
-            lambda chunk: metrics.evaluate(model, x_val, y_val, data.task, n_classes, chunk=chunk), eval_chunk)
-        if noise is not None and noise.value is not None:
-            values["gns/b_simple"] = noise.value
-        had_target = stopper.target_step is not None
-        if stopper.update(values[e.monitor], step):
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if not had_target and stopper.target_step is not None:
-            now = elapsed()
-            target_at = {"steps": step, "samples": step * plan.effective_batch_size, "time_s": now,
-                         "train_time_s": now - eval_s - (time.perf_counter() - started)}
-        out = row(values)
-        if log:
-            log.write(out)
-            log.flush()
-        if tracker:  # one W&B call per evaluation, carrying the train loss since the last one
-            tracker.log(tracking.eval_row(out, loss_since_eval, optimizer.param_groups[0]["lr"]))
-        loss_since_eval.clear()
-        if not bar.disable:
-            bar.set_postfix({"train/loss": f"{train_loss:.4f}", e.monitor: f"{values[e.monitor]:.4f}"}, refresh=False)
-        eval_s += time.perf_counter() - started
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.max_steps, initial=step, unit="step", desc="train",
-               disable=(None if progress is None else not progress))
-    t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
-
-    # One optimizer step's forward/backward at micro-batch m, over the current `indices`. Defined
-    # once, outside the hot loop; they read the loop's variables when called.
-    def micro_steps(m: int) -> List[torch.Tensor]:
-        measure = noise if m < shard and step % t.noise_scale_every_steps == 0 else None
-        return accumulate_gradients(model, loss_fn, x_train, y_train, indices, m, measure)
-
-    def smaller_micro(m: int) -> int:
-        return largest_divisor_at_most(shard, m // 2)
-
-    def on_oom(old: int, new: int) -> None:
-        # Out of memory (variable inputs, fragmentation): redo this step with a smaller
-        # micro-batch and more accumulation: the same update, the same effective batch.
-        optimizer.zero_grad(set_to_none=True)
-        oom_events.append({"step": step + 1, "from": old, "to": new})
-        if log:
-            log.write(row({"event": "out_of_memory", "micro_batch_size": new, "accumulation_steps": shard // new}))
-
-    train_loss, last_eval_step, last_flush, eval_chunk = float("nan"), step, t0, 4096
-    loss_since_eval: List[float] = []  # train losses since the last evaluation, for W&B
-    while not finished and not stopper.should_stop and step < plan.max_steps:
-        epoch, first_window = divmod(step, plan.steps_per_epoch)
-        order = epoch_order(t.seed, epoch, plan.n_train).to(device)
-        for window in range(first_window, plan.steps_per_epoch):
-            start = window * plan.effective_batch_size + rank * shard
-            indices = order[start:start + shard]
-            lr = lr_at(step, plan.lr, t, plan.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            losses, micro = memory.halving_on_oom(micro_steps, micro, smaller_micro, on_oom)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
-            train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
-            if tracker:
-                loss_since_eval.append(train_loss)
-            # a dict only for W&B following live or a non-finite loss; otherwise the fast row
-            out = row({"train/loss": train_loss, "lr": lr}) if tracker or not math.isfinite(train_loss) else None
-            if log and out is None:
-                log.write_line(STEP_ROW % (step, step * plan.effective_batch_size, step / plan.steps_per_epoch,
-                                           elapsed(), train_loss, lr))
-            elif log:
-                log.write(out)
-            if tracker:
-                tracker.log_train(out)
-            bar.update()
-            if on_step:
-                on_step(step)
-            if not math.isfinite(train_loss):
-                stopper.non_finite_loss()
-                break
-            if step % plan.eval_every_steps == 0 or step == plan.max_steps:
-                evaluate()
-                last_eval_step = step
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                save_checkpoint(finished=False)
-            if stopper.should_stop or step >= plan.max_steps:
-                break
-            if log and time.perf_counter() - last_flush > 0.5:  # keeps progress readers current
-                log.flush()
-                last_flush = time.perf_counter()
-
-    if not finished:
-        if last_eval_step != step and stopper.stop_reason != early_stopping.NON_FINITE:
-            evaluate()  # the last steps count toward the best weights too
-        finished = True
-        save_checkpoint(finished=True)
-    bar.close()
-    if log:
-        log.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-
-    return FitResult(
-        plan=plan, optimizer_steps=step, samples_seen=step * plan.effective_batch_size,
-        epochs=step / plan.steps_per_epoch, wall_time_s=elapsed(),
-        stop_reason=stopper.stop_reason or plan.limit,
-        best_metric={"name": e.monitor, "value": stopper.best, "step": stopper.best_step},
-        steps_to_target=target_at["steps"] if target_at else None,
-        samples_to_target=target_at["samples"] if target_at else None,
-        time_to_target_s=target_at["time_s"] if target_at else None,
-        resumed_from_step=resumed_from, micro_batch_size=micro, accumulation_steps=shard // micro,
-        oom_events=oom_events, gns_b_simple=noise.value if noise is not None else None, eval_time_s=eval_s,
-        train_time_to_target_s=target_at["train_time_s"] if target_at else None,
-    )
+    """Train `model` in place and leave the best weights (by `eval.monitor`) loaded in it:
+    `Trainer(...).fit()`. See Trainer for the arguments."""
+    return Trainer(model, data, cfg, run_dir, tracker, progress, on_step, rank).fit()

@@ -25,6 +25,7 @@ def data_prep(config_json: str, dataset: Output[Dataset]):
 def probe(config_json: str, run_dir: str, dataset: Input[Dataset], report: Output[Artifact]) -> NamedTuple(
         "ProbeDecision", [("batch_size", int), ("micro_batch_size", int), ("decision", str)]):
     import json
+    import math
     from collections import namedtuple
 
     from components import probe
@@ -33,7 +34,7 @@ def probe(config_json: str, run_dir: str, dataset: Input[Dataset], report: Outpu
     with user_errors_as_one_line():
         result = probe.run(json.loads(config_json), dataset.path, report.path, run_dir)
     choice = result["recommendation"]
-    report.metadata.update({k: v for k, v in choice.items() if isinstance(v, (int, float))})
+    report.metadata.update({k: v for k, v in choice.items() if isinstance(v, (int, float)) and math.isfinite(v)})
     outputs = namedtuple("ProbeDecision", ["batch_size", "micro_batch_size", "decision"])
     return outputs(choice["effective_batch_size"], choice["micro_batch_size"], json.dumps(probe.decision(result)))
 
@@ -42,35 +43,44 @@ def train(config_json: str, run_dir: str, batch_size: int, micro_batch_size: int
           model: Output[Model], metrics: Output[Metrics]) -> str:
     import json
 
-    from components import train
+    from components import storage, train
     from components.config import with_batch_sizes
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
         config = with_batch_sizes(json.loads(config_json), batch_size, micro_batch_size)
         outcome = train.run(config, dataset.path, model.path, run_dir)
+
     for key in ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
                 "accumulation_steps", "lr", "steps_to_target"):
         if outcome[key] is not None:
             metrics.log_metric(key, outcome[key])
-    model.metadata.update({"data_version": outcome["data_version"], "config_hash": outcome["config_hash"]})
-    return json.dumps(outcome)
+    # metadata is serialized as protobuf JSON, which refuses NaN: only finite values, status beside
+    model.metadata.update({"data_version": outcome["data_version"], "config_hash": outcome["config_hash"],
+                           "status": outcome["status"], "has_weights": outcome["model_file"] is not None})
+    if outcome["model_file"] is None:  # diverged with no finite evaluation: an empty artifact, said so
+        open(model.path, "wb").close()
+    return storage.dumps(outcome)
 
 
 def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: str, dataset: Input[Dataset],
              model: Input[Model], metrics: Output[Metrics]) -> str:
     import json
+    import math
 
-    from components import evaluate
+    from components import evaluate, storage
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
         summary = evaluate.run(json.loads(config_json), dataset.path, model.path, json.loads(train_result), run_dir,
                                json.loads(probe_decision) if probe_decision else None)
     for key, value in summary["test"].items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and math.isfinite(value):  # protobuf JSON refuses NaN
             metrics.log_metric(f"test/{key}", value)
-    return json.dumps(summary)
+    if summary["status"] == "diverged":  # the run is not a result; the submitter exits non-zero
+        d = summary["divergence"]
+        print(f"evaluate: the run diverged ({d['rule']} at step {d['step']}, lr {d['lr']:.3g}): {d['advice']}")
+    return storage.dumps(summary)
 
 
 def study_plan(config_json: str, probe_decision: str, dataset: Input[Dataset]) -> List[str]:
@@ -81,21 +91,24 @@ def study_plan(config_json: str, probe_decision: str, dataset: Input[Dataset]) -
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        n_train = storage.read_json(Path(dataset.path) / "manifest.json")["counts"]["train"]
-        runs = study.plan(json.loads(config_json), n_train, json.loads(probe_decision) if probe_decision else None)
-    print("study: " + ", ".join(run["name"] for run in runs))
-    return [json.dumps(run) for run in runs]
+        manifest = storage.read_json(Path(dataset.path) / "manifest.json")
+        entries = study.plan(json.loads(config_json), manifest["counts"]["train"],
+                             json.loads(probe_decision) if probe_decision else None, manifest)
+    print("study_plan: batch sizes " + ", ".join(str(e["batch_size"]) for e in entries), flush=True)
+    return [json.dumps(entry) for entry in entries]
 
 
 def study_run(run_json: str, study_dir: str, dataset: Input[Dataset]) -> str:
+    """One batch size's runs (its LR search, run by run); returns their rows as a JSON list."""
     import json
 
-    from components import study
+    from components import storage, study
 
-    row = study.run_one(json.loads(run_json), dataset.path, study_dir)
-    if row["status"] == "failed":
-        print(f"study: run {row['name']} failed: {row['error']}")
-    return json.dumps(row)
+    rows = study.run_batch(json.loads(run_json), dataset.path, study_dir)
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"study_run: run {row['name']} failed: {row['error']}", flush=True)
+    return storage.dumps(rows)
 
 
 def study_report(config_json: str, study_dir: str, rows: List[str], probe_decision: str, report: Output[HTML]) -> str:

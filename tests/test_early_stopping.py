@@ -54,8 +54,8 @@ def test_the_target_can_be_recorded_without_stopping():
 
 def test_divergence_threshold_stops_when_worse_than_the_threshold():
     s = es.EarlyStopping(mode="min", patience=10, divergence_threshold=5.0)
-    assert feed(s, [2.0, 1.5, 4.9, 5.1]) == 4
-    assert s.stop_reason == es.DIVERGED and s.best == 1.5
+    assert feed(s, [2.0, 1.95, 4.9, 5.1]) == 4
+    assert s.stop_reason == es.DIVERGED and s.best == 1.95 and s.divergence_rule == es.RULE_THRESHOLD
     s = es.EarlyStopping(mode="max", patience=10, divergence_threshold=0.2)
     assert feed(s, [0.5, 0.3, 0.19]) == 3 and s.stop_reason == es.DIVERGED
 
@@ -73,3 +73,46 @@ def test_state_round_trips_for_resume():
     t = es.EarlyStopping(mode="max", patience=3, target=0.99)
     t.load_state_dict(s.state_dict())
     assert feed(t, [0.6, 0.6]) is not None and t.stop_reason == es.PATIENCE  # 2 more bad evals -> 3
+
+
+def test_a_metric_that_falls_back_to_its_start_after_improving_is_a_collapse():
+    """Seen in a study: val/accuracy 0.10 -> 0.94 -> back to chance, and trained on."""
+    s = es.EarlyStopping(mode="max", patience=100)
+    assert feed(s, [0.10, 0.60, 0.94, 0.105, 0.10]) == 5  # two evaluations in a row at the start's level
+    assert (s.stop_reason, s.divergence_rule, s.best, s.best_step) == (es.DIVERGED, es.RULE_COLLAPSE, 0.94, 3)
+    assert s.divergence_detail == "metric fell back to 0.1 at step 5 after reaching 0.94 at step 3 " \
+                                  "(it started at 0.1)"
+    s = es.EarlyStopping(mode="min", patience=100)  # a loss: lower is better
+    assert feed(s, [2.3, 0.5, 0.2, 2.1, 2.2]) == 5 and s.divergence_rule == es.RULE_COLLAPSE
+
+
+@pytest.mark.parametrize("values", [
+    [0.10, 0.60, 0.94, 0.10, 0.90, 0.10],  # a single dip, recovered: noise, not a collapse
+    [0.10, 0.103, 0.10, 0.10],  # never clearly improved (gain under 5% of the start)
+    [0.10, 0.60, 0.94, 0.25, 0.24],  # lost most of the gain but not back to the start
+])
+def test_what_is_not_a_collapse(values):
+    s = es.EarlyStopping(mode="max", patience=100)
+    assert feed(s, values) is None and not s.diverged
+
+
+def test_a_train_loss_that_explodes_is_a_divergence_even_at_chance_accuracy():
+    s = es.EarlyStopping(mode="max", patience=100)
+    s.update(0.1, 10)
+    s.train_loss(mean_loss=22.9, first_loss=2.3, step=20)
+    assert not s.diverged  # under 10x the first step's loss
+    s.train_loss(mean_loss=1e7, first_loss=2.3, step=30)
+    assert (s.stop_reason, s.divergence_rule) == (es.DIVERGED, es.RULE_LOSS_EXPLODED)
+    assert s.divergence_detail == "train loss 1e+07 before step 30 is over 10x the first step's 2.3"
+
+
+def test_a_collapse_is_measured_from_the_untrained_score():
+    """The first evaluation comes an epoch in: a noisy dip below it is not a collapse when the
+    untrained model scored far lower (seen: val/r2 0.50 -> 0.21 -> 0.41 on a 66-row split)."""
+    values = [0.495, 0.21, 0.406, 0.543, 0.503, 0.45, 0.467]
+    s = es.EarlyStopping(mode="max", patience=100)
+    assert feed(s, values) == 7 and s.divergence_rule == es.RULE_COLLAPSE  # measured from 0.495: 0.45, 0.467
+    s = es.EarlyStopping(mode="max", patience=100)
+    s.start(0.002)  # the untrained model
+    assert feed(s, values) is None and not s.diverged
+    assert feed(s, [0.05, 0.04]) == 2 and s.divergence_rule == es.RULE_COLLAPSE  # back at the start

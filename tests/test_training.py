@@ -40,18 +40,55 @@ def test_accumulation_gives_the_same_update_as_one_big_batch(digits, optimizer):
 
 
 def test_accumulated_gradient_equals_the_full_batch_gradient(digits):
-    """One step by hand: the loop's scaled micro-batch losses sum to the full-batch gradient."""
+    """One step of the loop's own accumulate_gradients at 16 x 4 leaves in .grad the gradient of
+    one forward/backward over all 64 examples."""
     cfg = config()
-    x, y = (torch.as_tensor(a[:64]) for a in digits.split("train"))
+    x, y = (torch.as_tensor(a) for a in digits.split("train"))
+    indices = torch.arange(64)
     torch.manual_seed(0)
     model = models.build_model(cfg.model, digits.input_shape, 10)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
     full = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    for i in range(0, 64, 16):
-        (torch.nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]) / 4).backward()
+    model.zero_grad(set_to_none=True)
+    losses = training.accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, indices, 16)
+    assert len(losses) == 4
     for a, b in zip(full, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_noise_measuring_step_without_accumulation_splits_the_batch_and_keeps_the_update(digits):
+    """With one micro-batch per step the measuring steps run as two halves: the same update (to
+    float rounding) as the unsplit step, and a noise-scale sample from the half-batch norm."""
+    x, y = (torch.as_tensor(a) for a in digits.split("train"))
+    indices = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:32]
+    grads = {}
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = models.build_model(config().model, digits.input_shape, 10)
+        noise = noise_scale.NoiseScaleTracker(population=len(x))
+        micro = training.measuring_micro(32, 32) if split else 32
+        training.accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, indices, micro,
+                                      noise if split else None)
+        grads[split] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if split:
+            assert micro == 16 and noise.updates == 1 and noise.grad_sq != 0.0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert [training.measuring_micro(b, b) for b in (32, 15, 7, 1)] == [16, 5, None, None]
+    assert training.measuring_micro(128, 32) == 32  # with accumulation, the step's own micro-batch
+
+
+def test_every_run_tracks_the_noise_scale_and_measuring_steps_do_not_change_training(digits, tmp_path):
+    on, off = (config(train={"batch_size": 32, "micro_batch_size": 32, "max_steps": 80, "track_noise_scale": track,
+                             "noise_scale_every_steps": 4, "checkpoint_every_steps": None}, eval={"every_steps": 20})
+               for track in (True, False))
+    model_on, result = train(on, digits, tmp_path)
+    model_off, _ = train(off, digits)
+    evals = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "val/loss" in r]
+    # None while |G|^2's estimate is not above its noise (halves of 16 are a noisy small batch)
+    tracked = [r["gns/b_simple"] for r in evals if "gns/b_simple" in r]
+    assert len(evals) == 4 and len(tracked) >= 3 and "gns/b_simple" in evals[-1]
+    assert all(1 < b < 10_000 for b in tracked) and result.gns_b_simple == evals[-1]["gns/b_simple"]
+    torch.testing.assert_close(params(model_on), params(model_off), rtol=1e-4, atol=1e-5)
 
 
 def test_last_incomplete_window_is_dropped_and_every_step_sees_the_effective_batch(digits, tmp_path):
@@ -173,6 +210,21 @@ def test_resume_refuses_a_run_directory_with_another_config(digits, tmp_path):
         train(config(train={"max_steps": 10, "lr": 0.01}), digits, tmp_path)
 
 
+def test_the_train_step_refuses_another_config_before_touching_the_finished_run(digits, tmp_path):
+    from components import datasets
+    from components import train as train_step
+    from components.errors import ConfigError
+
+    datasets.save(digits, tmp_path / "data")
+    run = tmp_path / "run"
+    train_step.run(config(train={"max_steps": 10}).to_dict(), str(tmp_path / "data"), str(tmp_path / "m.pt"), str(run))
+    before = {p.name: p.read_bytes() for p in (run / "summary.json", run / training.METRICS)}
+    with pytest.raises(ConfigError, match="different config_hash"):
+        train_step.run(config(train={"max_steps": 10, "lr": 0.01}).to_dict(), str(tmp_path / "data"),
+                       str(tmp_path / "m.pt"), str(run))
+    assert {p.name: p.read_bytes() for p in (run / "summary.json", run / training.METRICS)} == before
+
+
 def test_target_records_steps_samples_and_time(digits):
     cfg = config(eval={"target": 0.9, "every_steps": 10})
     model, result = train(cfg, digits)
@@ -210,14 +262,23 @@ def test_patience_stops_and_the_best_weights_are_restored(digits):
 
 
 def test_non_finite_loss_stops_at_once_and_restores_the_last_finite_best(digits, tmp_path):
-    cfg = config(train={"lr": 20.0, "max_steps": 200}, eval={"every_steps": 5})
-    model, result = train(cfg, digits, tmp_path)
+    cfg = config(train={"max_steps": 200}, eval={"every_steps": 5})
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_model(cfg.model, digits.input_shape, 10)
+
+    def poison(step):  # a NaN weight after step 12: the loss of step 13 is NaN
+        if step == 12:
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = float("nan")
+
+    result = training.fit(model, digits, cfg, tmp_path, progress=False, on_step=poison)
     rows = storage.read_jsonl(tmp_path / "metrics.jsonl")
-    assert result.stop_reason == early_stopping.NON_FINITE
-    # the last row (written by json.dumps, not training.STEP_ROW) carries the non-finite loss
-    assert not math.isfinite(rows[-1]["train/loss"]) and rows[-1]["step"] == result.optimizer_steps
-    assert all(math.isfinite(r["train/loss"]) for r in rows[:-1] if "train/loss" in r)  # stopped at the first
-    assert result.best_metric["step"] == 5
+    assert (result.status, result.stop_reason, result.optimizer_steps) == ("diverged", early_stopping.NON_FINITE, 13)
+    assert result.divergence["rule"] == early_stopping.RULE_NON_FINITE and result.divergence["step"] == 13
+    # the last row (written by JsonlWriter.write, not training.STEP_ROW) carries the loss as null
+    assert rows[-1]["train/loss"] is None and rows[-1]["train/loss_note"] == "non-finite (nan)"
+    assert rows[-1]["step"] == 13 and all(math.isfinite(r["train/loss"]) for r in rows[:-1] if "train/loss" in r)
+    assert result.best_metric["step"] == 10  # the last finite evaluation's weights, restored
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -259,7 +320,7 @@ def test_every_experiment_trains_a_few_steps(name, tmp_path):
     from components.config import with_batch_sizes
 
     raw = compose_config([f"experiment={name}", "tracking.mode=disabled", "train.max_steps=12", "run_id=x",
-                          "probe.warmup_steps=0", "probe.throughput_steps=1", "probe.noise_batches=4"])
+                          "probe.warmup_steps=0", "probe.throughput_time_s=0.005", "probe.noise_batches=4"])
     data_prep.run(raw, str(tmp_path / "data"))
     if raw["probe"]["enabled"]:
         choice = probe.run(raw, str(tmp_path / "data"), str(tmp_path / "probe.json"), str(tmp_path / "run"))
@@ -293,14 +354,17 @@ def test_steps_run_alone_from_the_command_line(tmp_path):
 
 
 class OutOfMemoryAbove(torch.nn.Module):
-    """An injected device-memory limit: forward raises the CUDA out-of-memory error type for
-    micro-batches larger than `limit`, as a real allocator would."""
+    """An injected device-memory limit: a training forward raises the CUDA out-of-memory error type
+    for micro-batches larger than `limit`, as a real allocator would (evaluation keeps no
+    activations for backward: it is not limited here)."""
 
     def __init__(self, inner, limit):
         super().__init__()
         self.inner, self.limit, self.calls = inner, limit, []
 
     def forward(self, x):
+        if not self.training:
+            return self.inner(x)
         self.calls.append(len(x))
         if len(x) > self.limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} samples")
@@ -308,7 +372,9 @@ class OutOfMemoryAbove(torch.nn.Module):
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(digits, tmp_path):
-    cfg = config(train={"batch_size": 32, "micro_batch_size": 32, "max_steps": 30}, eval={"every_steps": 30})
+    # noise tracking off: its measuring steps run as two halves, another retry sequence
+    cfg = config(train={"batch_size": 32, "micro_batch_size": 32, "max_steps": 30, "track_noise_scale": False},
+                 eval={"every_steps": 30})
     clean, _ = train(cfg, digits)
 
     torch.manual_seed(cfg.train.seed)
@@ -325,7 +391,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(digits, tmp_p
 
 
 def test_out_of_memory_at_micro_batch_one_is_raised(digits):
-    cfg = config(train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3})
+    cfg = config(train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3, "track_noise_scale": False})
     torch.manual_seed(0)
     model = OutOfMemoryAbove(models.build_model(cfg.model, digits.input_shape, 10), limit=0)
     with pytest.raises(torch.OutOfMemoryError):
@@ -341,8 +407,6 @@ def test_noise_scale_is_tracked_from_accumulation_micro_steps(digits, tmp_path):
     assert all("gns/b_simple" in r for r in evals)
     assert result.gns_b_simple == evals[-1]["gns/b_simple"]
     assert 1 < result.gns_b_simple < 10_000  # a batch-size scale, not noise or a sign error
-    _, plain = train(config(train={"max_steps": 5}), digits)  # no accumulation: nothing to track
-    assert plain.gns_b_simple is None
 
 
 def test_the_noise_scale_is_measured_on_every_nth_step(digits, monkeypatch):
@@ -354,6 +418,10 @@ def test_the_noise_scale_is_measured_on_every_nth_step(digits, monkeypatch):
         measured.clear()
         train(config(train={"batch_size": 128, "micro_batch_size": 32, "max_steps": 60,
                             "noise_scale_every_steps": every}), digits)
+        assert len(measured) == expected
+    for micro, expected in ((32, 15), (128, 4)):  # by default every 4th step, every 16th without accumulation
+        measured.clear()
+        train(config(train={"batch_size": 128, "micro_batch_size": micro, "max_steps": 60}), digits)
         assert len(measured) == expected
 
 
