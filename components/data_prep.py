@@ -10,22 +10,45 @@ from pathlib import Path
 import torch
 
 from components import datasets, models
-from components.config import load_config_file, parse_config
-from components.errors import exit_on_user_error
+from components.config import AUTO, Config, for_dataset, load_config_file, parse_config
+from components.errors import ConfigError, exit_on_user_error
+
+
+def check_batch_fits(cfg: Config, n_train: int) -> None:
+    """A batch larger than the training split can never make a step: refuse it now, before
+    the probe or training start (and before a dataset is written)."""
+    if cfg.pipeline == "study":
+        largest = max(cfg.study.batch_sizes or [0])
+        if largest > n_train:
+            raise ConfigError(f"study.batch_sizes: batch {largest} is larger than the training split "
+                              f"({n_train} examples); use sizes up to {n_train}")
+    elif cfg.train.batch_size != AUTO and cfg.train.batch_size > n_train:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the training split "
+                          f"({n_train} examples); use at most {n_train}, or train.batch_size=auto")
 
 
 def run(config: dict, out: str) -> dict:
     cfg = parse_config(config)
     dataset = datasets.build(cfg.data)
+    m = dataset.manifest
+    # The task is known now: monitor and mode follow it, and an explicit one must fit it.
+    cfg = parse_config(for_dataset(config, m))
+    check_batch_fits(cfg, m["counts"]["train"])
     # A wrong shape for the chosen model fails now, not after the pipeline has moved on.
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, dataset.input_shape, dataset.output_dim)
     x_sample = torch.as_tensor(dataset.split("train")[0][:2])
     models.check_fits(model, cfg.model, x_sample, dataset.output_dim)
     datasets.save(dataset, Path(out))
-    m = dataset.manifest
+    if m["task_inferred"]:
+        print(f"data_prep: task {m['task']}, inferred from the target {m['target']!r} ({m['task_reason']}); "
+              "set data.task to override", flush=True)
+    if m["target_scale"]:
+        scale = m["target_scale"]
+        print(f"data_prep: target {m['target']!r} standardized on the train split (mean {scale['mean']:.4g}, "
+              f"std {scale['std']:.4g}); val/test mse, mae and r2 are in its own units", flush=True)
     print(f"data_prep: {m['origin']}: {m['counts']} examples, input {tuple(m['input_shape'])}, "
-          f"{m['task']}, data_version {m['data_version']}")
+          f"{m['task']}, monitor {cfg.eval.monitor} ({cfg.eval.mode}), data_version {m['data_version']}", flush=True)
     return m
 
 

@@ -1,8 +1,10 @@
 """Datasets: where examples come from, how they are split, and the dataset artifact on disk.
 
 The artifact is a directory holding `arrays.npz` (normalized features and encoded targets
-per split) and `manifest.json` (schema, counts, class balance, normalization statistics and
-`data_version`, a hash of the content). Every later step reads only this artifact.
+per split; a regression target standardized by its train-split mean and std) and
+`manifest.json` (schema, task and whether it was inferred, counts, class balance,
+normalization statistics, `target_scale` and `data_version`, a hash of the content). Every
+later step reads only this artifact.
 """
 
 import hashlib
@@ -14,7 +16,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from components import storage
-from components.config import DATA_FORMATS, DataConfig
+from components.config import DATA_FORMATS, DataConfig, known_task
 from components.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -56,6 +58,12 @@ class Dataset:
     def data_version(self) -> str:
         return self.manifest["data_version"]
 
+    @property
+    def target_scale(self) -> Optional[dict]:
+        """{"mean", "std"} of a regression target on the train split (the arrays hold
+        (y - mean) / std); None for classification. metrics.evaluate takes it."""
+        return self.manifest.get("target_scale")
+
 
 # ---------------------------------------------------------------- sources
 
@@ -74,8 +82,8 @@ def synthetic(cfg: DataConfig) -> Source:
     """Seeded Gaussian classes around random centres (classification), or a noisy
     nonlinear function of the features (regression). `noise` sets the overlap."""
     rng = np.random.default_rng(cfg.seed)
-    n, f = cfg.n_samples, cfg.n_features
-    if cfg.task == "classification":
+    n, f, task = cfg.n_samples, cfg.n_features, known_task(cfg)
+    if task == "classification":
         centers = rng.normal(size=(cfg.n_classes, f)) * 2.5 / np.sqrt(f)  # ~3.5 apart at noise 1
         y = rng.integers(0, cfg.n_classes, size=n)
         x = centers[y] + cfg.noise * rng.normal(size=(n, f))
@@ -83,7 +91,7 @@ def synthetic(cfg: DataConfig) -> Source:
         x = rng.normal(size=(n, f))
         w1, w2 = rng.normal(size=f) / np.sqrt(f), rng.normal(size=f) / np.sqrt(f)
         y = x @ w1 + np.tanh(x @ w2) + cfg.noise * 0.1 * rng.normal(size=n)
-    name = f"synthetic(task={cfg.task}, n={n}, features={f}, seed={cfg.seed})"
+    name = f"synthetic(task={task}, n={n}, features={f}, seed={cfg.seed})"
     return Source(x.astype(np.float32), y, name)
 
 
@@ -104,13 +112,22 @@ def load_file(cfg: DataConfig) -> Source:
         raise DataError(f"data.path: no such file: {cfg.path}")
     fmt = infer_format(cfg)
     if fmt == "npz":
-        return _load_npz(path, cfg.target)
+        return _load_npz(path, cfg.target, "data.format=npz" if cfg.format else "from its suffix")
     import pandas as pd
 
     try:
         frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
     except Exception as exc:  # parser errors differ by engine; name the file and the cause
-        raise DataError(f"data.path: cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"data.path: cannot read {path} as {fmt}: {_first_line(exc)}") from None
+    # pandas renames a repeated CSV column 'a' to 'a.1' without a word: look at the header itself
+    header = _csv_header(path) if fmt == "csv" else [str(c) for c in frame.columns]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise DataError(f"data.path: {path.name} has duplicate column names: "
+                        f"{', '.join(repr(c) for c in repeated[:10])}; give every column its own name")
+    if len(frame) == 0:
+        raise DataError(f"data.path: {path.name} has a header but no rows" if fmt == "csv" else
+                        f"data.path: {path.name} has columns but no rows")
     if cfg.target not in frame.columns:
         raise DataError(f"data.target: column {cfg.target!r} not in {path.name} "
                         f"(columns: {', '.join(map(str, frame.columns[:20]))})")
@@ -123,13 +140,34 @@ def load_file(cfg: DataConfig) -> Source:
         raise DataError(f"data.path: non-numeric feature columns in {path.name}: {', '.join(non_numeric[:10])} "
                         "(encode them as numbers first)")
     y = frame[cfg.target].to_numpy()
-    if cfg.task == "classification" and pd.isna(frame[cfg.target]).any():
-        raise DataError(f"data.target: column {cfg.target!r} has {int(pd.isna(frame[cfg.target]).sum())} missing labels")
     return Source(features.to_numpy(dtype=np.float32), y, str(path), [str(c) for c in features.columns])
 
 
-def _load_npz(path: Path, target: str) -> Source:
-    with np.load(path, allow_pickle=False) as npz:
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _csv_header(path: Path) -> List[str]:
+    import csv
+
+    # pandas has already parsed the file, so its first line is text; utf-8-sig drops a BOM
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def _load_npz(path: Path, target: str, why_npz: str) -> Source:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as exc:  # a CSV, a pickle, a damaged zip: name the file and the format
+        # numpy calls anything that is not an array file "pickled data": that hint misleads here
+        detail = "" if "pickle" in str(exc) else f": {_first_line(exc)}"
+        raise DataError(f"data.path: cannot read {path.name} as npz ({why_npz}): not a NumPy .npz "
+                        f"archive{detail}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a single .npy array
+        raise DataError(f"data.path: cannot read {path.name} as npz ({why_npz}): it holds one array, not "
+                        "an archive with arrays 'X' and the target; save it with np.savez")
+    with npz:
         keys = list(npz.keys())
         if "X" not in npz or target not in npz:
             raise DataError(f"data.path: {path.name} must hold arrays 'X' and {target!r} (data.target); "
@@ -139,6 +177,8 @@ def _load_npz(path: Path, target: str) -> Source:
         except ValueError:  # object arrays would need pickle, which can run code: refuse
             raise DataError(f"data.path: {path.name} holds object arrays; save numeric X and a numeric "
                             "or string target") from None
+        except Exception as exc:  # a damaged member of the archive
+            raise DataError(f"data.path: cannot read {path.name} as npz ({why_npz}): {_first_line(exc)}") from None
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_):
         raise DataError(f"data.path: array 'X' in {path.name} is not numeric (dtype {x.dtype})")
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
@@ -147,7 +187,38 @@ def _load_npz(path: Path, target: str) -> Source:
     return Source(x.astype(np.float32), y, str(path))
 
 
-# ---------------------------------------------------------------- checks, split, normalize
+# ---------------------------------------------------------------- task, checks, split, normalize
+
+# data.task=null: a target is a class label when it is not numeric (strings, booleans), or when
+# it takes a few integer-like values: all integers, and at most max(2, min(50, n // 10))
+# distinct ones (on average at least 10 examples a class; two values are always classes).
+# Otherwise it is a regression target. Diabetes' 214 integer values in 442 rows: regression;
+# digits' 10 labels in 1797 rows: classification.
+MAX_INFERRED_CLASSES = 50
+MIN_EXAMPLES_PER_CLASS = 10
+
+
+def infer_task(y: np.ndarray) -> Tuple[str, str]:
+    """(task, why) from the raw target values."""
+    if y.dtype.kind not in "iuf":
+        return "classification", f"non-numeric values ({y.dtype})"
+    distinct = np.unique(y[np.isfinite(y)] if y.dtype.kind == "f" else y)
+    limit = max(2, min(MAX_INFERRED_CLASSES, len(y) // MIN_EXAMPLES_PER_CLASS))
+    if not np.array_equal(distinct, np.round(distinct)):
+        return "regression", "non-integer values"
+    if len(distinct) <= limit:
+        return "classification", f"{len(distinct)} distinct integer values"
+    return "regression", (f"{len(distinct)} distinct integer values, more than the {limit} that count "
+                          f"as classes for {len(y)} rows")
+
+
+def _missing(y: np.ndarray) -> np.ndarray:
+    if y.dtype.kind == "f":
+        return np.isnan(y)
+    if y.dtype.kind == "O":  # pandas puts NaN or None in an object column's empty cells
+        return np.array([v is None or (isinstance(v, float) and v != v) for v in y], dtype=bool)
+    return np.zeros(len(y), dtype=bool)
+
 
 def check_finite(source: Source, task: str) -> None:
     x = source.x.reshape(len(source.x), -1)
@@ -164,6 +235,8 @@ def check_finite(source: Source, task: str) -> None:
             raise DataError(f"data.target: regression targets in {source.origin} are not numeric") from None
         if not np.isfinite(y).all():
             raise DataError(f"data.target: {int((~np.isfinite(y)).sum())} NaN/inf targets in {source.origin}")
+    elif _missing(source.y).any():
+        raise DataError(f"data.target: {int(_missing(source.y).sum())} missing labels in {source.origin}")
 
 
 def split_indices(y: np.ndarray, task: str, val_fraction: float, test_fraction: float,
@@ -195,19 +268,40 @@ def split_indices(y: np.ndarray, task: str, val_fraction: float, test_fraction: 
 
 
 def build(cfg: DataConfig) -> Dataset:
-    """Load, check, split and normalize (statistics from the train split only)."""
-    source = load_source(cfg)
+    """Load, check, split and normalize (statistics from the train split only). A regression
+    target is standardized too, so the default LR trains whatever its units (a target of
+    25-346 made the loss go 19,730 -> inf in 5 steps); metrics report it back in its units."""
+    return build_from(load_source(cfg), cfg)
+
+
+def build_from(source: Source, cfg: DataConfig) -> Dataset:
     if len(source.x) == 0:
         raise DataError(f"data: {source.origin} has no rows")
-    check_finite(source, cfg.task)
-    if cfg.task == "classification":
-        classes, y = np.unique(source.y, return_inverse=True)
-        if len(classes) < 2:
-            raise DataError(f"data.target: classification needs at least 2 classes; {source.origin} has {len(classes)}")
+    present = source.y[~_missing(source.y)]
+    if len(present) and (present == present[0]).all():  # before inference: one value is no task at all
+        raise DataError(f"data.target: {cfg.target!r} has the same value ({_jsonable(present[0])!r}) in every "
+                        f"row of {source.origin}; there is nothing to learn")
+    task, task_reason = known_task(cfg), None
+    if task is None:
+        task, task_reason = infer_task(source.y)
+    check_finite(source, task)
+    target_scale = None
+    if task == "classification":
+        classes, y = np.unique(source.y, return_inverse=True)  # at least 2: one value was refused above
         y = y.astype(np.int64)
+        if len(classes) > len(y) // 3 and source.y.dtype.kind in "iuf":  # no class could fill 3 splits
+            raise DataError(f"data.task: classification, but the target {cfg.target!r} has {len(classes)} distinct "
+                            f"values in {len(y)} rows; did you mean data.task=regression?")
+        idx = split_indices(y, task, cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
     else:
-        classes, y = None, source.y.astype(np.float32)
-    idx = split_indices(y, cfg.task, cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
+        classes, y = None, source.y.astype(np.float64)
+        idx = split_indices(y, task, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        mean, std = float(y[idx["train"]].mean()), float(y[idx["train"]].std())
+        if std == 0 or std <= 1e-12 * abs(mean):  # the second: float noise around a constant
+            raise DataError(f"data.target: {cfg.target!r} is constant on the training split (every value "
+                            f"{mean:g}); a regression target must vary")
+        y = ((y - mean) / std).astype(np.float32)
+        target_scale = {"mean": mean, "std": std}
 
     flat = source.x.reshape(len(source.x), -1)
     mean = flat[idx["train"]].mean(axis=0)
@@ -222,8 +316,11 @@ def build(cfg: DataConfig) -> Dataset:
     manifest = {
         "name": cfg.name,
         "origin": source.origin,
-        "task": cfg.task,
+        "task": task,
+        "task_inferred": task_reason is not None,
+        "task_reason": task_reason,  # why it was inferred so; null when the config decided
         "target": cfg.target,
+        "target_scale": target_scale,  # regression: arrays hold (y - mean) / std; metrics undo it
         "input_shape": list(source.x.shape[1:]),
         "feature_names": source.feature_names,
         "n_classes": int(len(classes)) if classes is not None else None,

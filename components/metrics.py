@@ -1,6 +1,12 @@
-"""Evaluation metrics, shared by validation during training and the test evaluation."""
+"""Evaluation metrics, shared by validation during training and the test evaluation.
 
-from typing import Dict
+A regression target is standardized at data_prep (its train-split mean and std are the
+dataset's `target_scale`): the model predicts and trains on (y - mean) / std. `loss` is the
+MSE the model trains on, in those standardized units; mse, mae and r2 are in the target's own
+units (r2 is the same in both).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +48,52 @@ def classification(logits: torch.Tensor, y: torch.Tensor, n_classes: int, full: 
     return out
 
 
-def regression(pred: torch.Tensor, y: torch.Tensor) -> Dict:
+TargetScale = Union[None, Sequence[float], Dict]
+
+
+def _scale(target_scale: TargetScale) -> Optional[Tuple[float, float]]:
+    """(mean, std) from (mean, std), {"mean", "std"} (Dataset.target_scale), or a whole manifest."""
+    if target_scale is None:
+        return None
+    if isinstance(target_scale, dict):
+        if "target_scale" in target_scale:  # a dataset manifest
+            return _scale(target_scale["target_scale"])
+        return float(target_scale["mean"]), float(target_scale["std"])
+    mean, std = target_scale
+    return float(mean), float(std)
+
+
+def to_original_units(pred, target_scale: TargetScale):
+    """A regression model's output (standardized) in the target's own units: pred * std + mean.
+    Takes a tensor or an array; target_scale as in `evaluate` (None: returned unchanged)."""
+    scale = _scale(target_scale)
+    return pred if scale is None else pred * scale[1] + scale[0]
+
+
+def regression(pred: torch.Tensor, y: torch.Tensor, target_scale: TargetScale = None) -> Dict:
+    """`pred` and `y` as the model sees them (standardized when target_scale is given)."""
     pred = pred.reshape(y.shape).double()
     y = y.double()
+    loss = ((pred - y) ** 2).mean().item()  # the training loss: in standardized units
+    pred, y = to_original_units(pred, target_scale), to_original_units(y, target_scale)
     err = pred - y
     mse = (err ** 2).mean().item()
     var = ((y - y.mean()) ** 2).mean().item()
     return {
-        "loss": mse,
+        "loss": loss,
         "mse": mse,
         "mae": err.abs().mean().item(),
-        "r2": 1.0 - mse / var if var > 0 else float("nan"),
+        # a constant split has no variance to explain: 1 for exact predictions, else 0, as
+        # scikit-learn's r2_score does (force_finite); never NaN
+        "r2": 1.0 - mse / var if var > 0 else float(mse == 0),
     }
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, n_classes: int = 0,
-             prefix: str = "val", full: bool = False, chunk: int = 4096) -> Dict:
+             prefix: str = "val", full: bool = False, chunk: int = 4096, target_scale: TargetScale = None) -> Dict:
+    """Metrics of `model` on (x, y) under `prefix/`. Regression: pass the dataset's
+    target_scale so that mse, mae and r2 come in the target's own units."""
     out = predict(model, x, chunk)
-    values = classification(out, y, n_classes, full) if task == "classification" else regression(out, y)
+    values = (classification(out, y, n_classes, full) if task == "classification"
+              else regression(out, y, target_scale))
     return {f"{prefix}/{k}": v for k, v in values.items()}

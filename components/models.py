@@ -1,7 +1,10 @@
 """Model builders: the built-in MLP and CNN, or the user's own `model.factory`."""
 
 import importlib
+import inspect
 import math
+import sys
+import traceback
 from typing import Sequence, Tuple
 
 import torch
@@ -40,21 +43,65 @@ def cnn(input_shape: Sequence[int], output_dim: int, channels=(16, 32), dropout:
     return nn.Sequential(*layers)
 
 
+def _user_code_failed(what: str, exc: BaseException) -> ConfigError:
+    """The user's code raised: the whole traceback to stderr (the step's log), one line to raise."""
+    traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.flush()
+    lines = str(exc).strip().splitlines()
+    return ConfigError(f"model.factory: {what} raised {type(exc).__name__}" + (f": {lines[0]}" if lines else ""))
+
+
 def load_factory(spec: str):
     module_name, _, func_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"model.factory: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the module itself fails (SyntaxError, NameError, ...)
+        raise _user_code_failed(f"importing {module_name}", exc) from None
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise ConfigError(f"model.factory: {module_name!r} has no function {func_name!r}")
     return factory
 
 
+def call_factory(spec: str, input_shape: Tuple[int, ...], output_dim: int, kwargs: dict) -> nn.Module:
+    """factory(input_shape=..., output_dim=..., **model.kwargs), with the user's mistakes as one
+    line: arguments that do not fit its signature (checked before the call, so a TypeError from
+    inside the factory is reported as raised, not as a wrong signature), or what it raised."""
+    factory = load_factory(spec)
+    for fixed in ("input_shape", "output_dim"):
+        if fixed in kwargs:
+            raise ConfigError(f"model.kwargs.{fixed}: the data decides it; remove it from model.kwargs")
+    call = {"input_shape": tuple(input_shape), "output_dim": output_dim, **kwargs}
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins and C callables have none: just call
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**call)
+        except TypeError as exc:
+            message, params = str(exc), signature.parameters
+            takes_shapes = ({"input_shape", "output_dim"} <= params.keys()
+                            or any(p.kind is p.VAR_KEYWORD for p in params.values()))
+            if not takes_shapes:
+                hint = " (it is called as factory(input_shape=..., output_dim=..., **model.kwargs))"
+            elif "missing" in message:  # "missing a required argument: 'depth'"
+                name = message.split(": ")[-1].strip("'")
+                hint = f" (give it with +model.kwargs.{name}=...)"
+            else:
+                hint = " (model.kwargs)"
+            raise ConfigError(f"model.factory: {spec}() {message}{hint}") from None
+    try:
+        return factory(**call)
+    except Exception as exc:  # noqa: BLE001 - anything the user's code raises is theirs to see
+        raise _user_code_failed(spec, exc) from None
+
+
 def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], output_dim: int) -> nn.Module:
     if cfg.factory:
-        model = load_factory(cfg.factory)(input_shape=tuple(input_shape), output_dim=output_dim, **cfg.kwargs)
+        model = call_factory(cfg.factory, input_shape, output_dim, cfg.kwargs)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.factory: {cfg.factory} returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -72,9 +119,11 @@ def check_fits(model: nn.Module, cfg: ModelConfig, x_sample: torch.Tensor, outpu
     try:
         with torch.no_grad():
             out = model(x_sample)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - shape mismatches are RuntimeErrors; a user's forward may raise anything
+        kind = "" if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: "
+        lines = str(exc).strip().splitlines()
         raise DataError(f"model {model_name(cfg)!r} cannot take inputs of shape {tuple(x_sample.shape[1:])}: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{kind}{lines[0] if lines else type(exc).__name__}") from None
     if tuple(out.shape) not in {(len(x_sample), output_dim)} | ({(len(x_sample),)} if output_dim == 1 else set()):
         raise DataError(f"model {model_name(cfg)!r} returns shape {tuple(out.shape)}; expected "
                         f"({len(x_sample)}, {output_dim}) for this data")

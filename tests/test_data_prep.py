@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import data_prep, datasets
-from components.errors import DataError
+from components import data_prep, datasets, metrics
+from components.errors import ConfigError, DataError
 from conftest import config
 
 
@@ -79,16 +79,30 @@ def test_user_files_in_every_format(tmp_path, suffix):
     assert json.loads((out / "manifest.json").read_text())["counts"] == manifest["counts"]
 
 
-def test_user_csv_regression(tmp_path):
+def test_user_csv_regression_target_is_standardized_on_the_train_split(tmp_path):
     frame = _table()
-    frame["y"] = frame.f1 * 2.0
+    frame["y"] = frame.f1 * 40.0 + 300.0
     frame.drop(columns=["label"]).to_csv(tmp_path / "r.csv", index=False)
-    cfg = config(data={"name": "file", "path": str(tmp_path / "r.csv"), "target": "y", "task": "regression"},
-                 eval={"monitor": "val/mse", "mode": "min"})
+    cfg = config(data={"name": "file", "path": str(tmp_path / "r.csv"), "target": "y", "task": "regression"})
     d = datasets.build(cfg.data)
-    assert d.task == "regression" and d.output_dim == 1
-    assert np.allclose(np.sort(np.concatenate([d.split(s)[1] for s in ("train", "val", "test")])),
-                       np.sort(frame.y.to_numpy(dtype=np.float32)))
+    assert d.task == "regression" and d.output_dim == 1 and not d.manifest["task_inferred"]
+    y_train = d.split("train")[1]
+    assert abs(float(y_train.mean())) < 1e-5 and float(y_train.std()) == pytest.approx(1, abs=1e-5)
+    # the statistics are the train split's: val and test are scaled by them, not re-centred
+    raw = frame.y.to_numpy()
+    train_raw = np.sort(metrics.to_original_units(y_train.astype(np.float64), d.target_scale))
+    assert d.target_scale["std"] == pytest.approx(train_raw.std(), rel=1e-6)
+    assert d.target_scale["mean"] == pytest.approx(train_raw.mean(), rel=1e-6)
+    assert d.target_scale["mean"] != pytest.approx(raw.mean(), rel=1e-6)
+    restored = metrics.to_original_units(np.concatenate([d.split(s)[1] for s in ("train", "val", "test")]),
+                                         d.target_scale)
+    assert np.allclose(np.sort(restored), np.sort(raw), rtol=1e-5)
+    assert json.loads(json.dumps(d.manifest))["target_scale"] == d.target_scale  # strict JSON
+
+
+def test_classification_has_no_target_scale(digits):
+    assert digits.target_scale is None and digits.manifest["target_scale"] is None
+    assert digits.split("train")[1].dtype == np.int64
 
 
 def _bad(tmp_path, name, frame=None, **data):
@@ -154,3 +168,111 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
         data_prep.main(["--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"convergence-pipeline error: data.path: no such file: {tmp_path / 'absent.csv'}"
+
+
+def _exact_cases(tmp_path):
+    (tmp_path / "header.csv").write_text("a,b,label\n")
+    (tmp_path / "dup.csv").write_text("a,b,a,label,b\n1,2,3,x,4\n5,6,7,y,8\n")
+    _table().to_csv(tmp_path / "table.csv", index=False)
+    np.save(tmp_path / "one.npy", np.zeros((4, 2)))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    return {
+        "header only": ({"path": "header.csv"}, "data.path: header.csv has a header but no rows"),
+        "duplicate columns": ({"path": "dup.csv"}, "data.path: dup.csv has duplicate column names: 'a', 'b'; "
+                                                   "give every column its own name"),
+        "npz on a csv": ({"path": "table.csv", "format": "npz"},
+                         "data.path: cannot read table.csv as npz (data.format=npz): not a NumPy .npz archive"),
+        "npy as npz": ({"path": "one.npy", "format": "npz"},
+                       "data.path: cannot read one.npy as npz (data.format=npz): it holds one array, not an "
+                       "archive with arrays 'X' and the target; save it with np.savez"),
+        "damaged npz": ({"path": "broken.npz"}, "data.path: cannot read broken.npz as npz (from its suffix): "
+                                                "not a NumPy .npz archive: File is not a zip file"),
+        "parquet on a csv": ({"path": "table.csv", "format": "parquet"},
+                             f"data.path: cannot read {tmp_path / 'table.csv'} as parquet: Could not open Parquet "
+                             f"input source '{tmp_path / 'table.csv'}': Parquet magic bytes not found in footer. "
+                             "Either the file is corrupted or this is not a parquet file."),
+    }
+
+
+@pytest.mark.parametrize("case", ["header only", "duplicate columns", "npz on a csv", "npy as npz", "damaged npz",
+                                  "parquet on a csv"])
+def test_unreadable_files_are_named_in_one_line(tmp_path, case):
+    data, message = _exact_cases(tmp_path)[case]
+    cfg = config(data={"name": "file", "target": "label", **data, "path": str(tmp_path / data["path"])})
+    with pytest.raises(DataError) as err:
+        data_prep.run(cfg.to_dict(), str(tmp_path / "artifact"))
+    assert str(err.value) == message
+    assert not (tmp_path / "artifact").exists()
+
+
+USER_MODELS = '''
+import math
+import torch
+
+def build(input_shape, output_dim, width=64):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), width),
+                               torch.nn.ReLU(), torch.nn.Linear(width, output_dim))
+
+def raising(input_shape, output_dim, width=64):
+    if width % 2:
+        raise ValueError(f"width must be even, got {width}")
+
+def inner_type_error(input_shape, output_dim):
+    return len(output_dim)
+
+def needs_depth(input_shape, output_dim, depth):
+    pass
+
+def other_names(shape, n_out):
+    pass
+'''
+
+
+@pytest.mark.parametrize("factory, kwargs, message", [
+    ("raising", {"width": 3}, "model.factory: user_models_b:raising raised ValueError: width must be even, got 3"),
+    ("inner_type_error", {}, "model.factory: user_models_b:inner_type_error raised TypeError: "
+                             "object of type 'int' has no len()"),
+    ("build", {"widht": 128}, "model.factory: user_models_b:build() got an unexpected keyword argument 'widht' "
+                              "(model.kwargs)"),
+    ("build", {"output_dim": 3}, "model.kwargs.output_dim: the data decides it; remove it from model.kwargs"),
+    ("needs_depth", {}, "model.factory: user_models_b:needs_depth() missing a required argument: 'depth' "
+                        "(give it with +model.kwargs.depth=...)"),
+    ("other_names", {}, "model.factory: user_models_b:other_names() missing a required argument: 'shape' "
+                        "(it is called as factory(input_shape=..., output_dim=..., **model.kwargs))"),
+])
+def test_a_user_factory_that_fails_is_one_line_with_the_traceback_on_stderr(tmp_path, monkeypatch, capsys,
+                                                                              factory, kwargs, message):
+    (tmp_path / "user_models_b.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "user_models_b", raising=False)
+    cfg = config(model={"factory": f"user_models_b:{factory}", "kwargs": kwargs})
+    with pytest.raises(ConfigError) as err:
+        data_prep.run(cfg.to_dict(), str(tmp_path / "artifact"))
+    assert str(err.value) == message
+    assert not (tmp_path / "artifact").exists()
+    stderr = capsys.readouterr().err
+    if " raised " in message:  # the user's own code failed: its traceback goes to the step's log
+        assert stderr.startswith("Traceback (most recent call last):")
+        assert 'user_models_b.py", line' in stderr and message.split(" raised ")[1] in stderr
+    else:
+        assert stderr == ""
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"batch_size": 2048, "micro_batch_size": 32}},
+     "train.batch_size: 2048 is larger than the training split (1259 examples); use at most 1259, "
+     "or train.batch_size=auto"),
+    ({"pipeline": "study", "study": {"batch_sizes": [16, 4096, 64]}, "eval": {"target": 0.9}},
+     "study.batch_sizes: batch 4096 is larger than the training split (1259 examples); use sizes up to 1259"),
+])
+def test_a_batch_larger_than_the_data_is_refused_before_the_dataset_is_written(tmp_path, sections, message):
+    with pytest.raises(ConfigError) as err:
+        data_prep.run(config(**sections).to_dict(), str(tmp_path / "artifact"))
+    assert str(err.value) == message
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_the_whole_training_split_is_a_valid_batch(tmp_path):
+    manifest = data_prep.run(config(train={"batch_size": 1259, "micro_batch_size": 1259}).to_dict(),
+                             str(tmp_path / "artifact"))
+    assert manifest["counts"]["train"] == 1259

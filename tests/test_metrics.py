@@ -35,3 +35,21 @@ def test_regression_metrics_match_sklearn():
     assert out["mse"] == pytest.approx(skm.mean_squared_error(y, pred)) and out["loss"] == out["mse"]
     assert out["mae"] == pytest.approx(skm.mean_absolute_error(y, pred))
     assert out["r2"] == pytest.approx(skm.r2_score(y, pred))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_r2_of_a_constant_split_is_finite_as_in_sklearn(exact):
+    y = torch.full((20,), 3.0, dtype=torch.float64)
+    pred = y.clone() if exact else y + torch.linspace(-1, 1, 20, dtype=torch.float64)
+    out = metrics.regression(pred, y, (10.0, 2.0))
+    assert out["r2"] == skm.r2_score(y * 2 + 10, pred * 2 + 10) == (1.0 if exact else 0.0)
+
+
+def test_to_original_units_inverts_the_standardization():
+    scale = {"mean": 153.6, "std": 78.4}
+    raw = np.array([25.0, 151.0, 346.0])
+    standardized = (raw - scale["mean"]) / scale["std"]
+    assert metrics.to_original_units(standardized, scale) == pytest.approx(raw)
+    assert metrics.to_original_units(torch.as_tensor(standardized), (153.6, 78.4)).numpy() == pytest.approx(raw)
+    assert metrics.to_original_units(torch.as_tensor(standardized), {"target_scale": scale}).numpy() == \
+           pytest.approx(raw)
