@@ -101,7 +101,7 @@ def main() -> None:
 
     # 2. throughput ladder
     ladder = probe.throughput_ladder(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
-                                     loss_fn, x, y, min(fit.micro_batch, 4096 if not dry else 64), 5, device)
+                                     loss_fn, x, y, min(fit.micro_batch, 4096 if not dry else 64), device)["ladder"]
     report["throughput"] = ladder
 
     # 3. noise scale on the device

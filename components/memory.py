@@ -111,7 +111,8 @@ class FitSearch:
 
 def find_max_micro_batch(trial: Callable[[int], int], budget_bytes: int, margin: float = 0.1,
                          cap: int = 1 << 16, min_batch: int = 1, probe: int = 8, tolerance: float = 0.04,
-                         resolution_bytes: Optional[int] = None, max_trials: int = 12) -> FitSearch:
+                         resolution_bytes: Optional[int] = None, max_trials: int = 12,
+                         on_trial: Optional[Callable[[int, int, Optional[int], bool], None]] = None) -> FitSearch:
     """The largest micro-batch in [min_batch, cap] whose `trial` fits (1 - margin) x budget_bytes.
 
     `cap` is the training-set size or a configured maximum. `resolution_bytes`: how exactly a trial
@@ -119,6 +120,7 @@ def find_max_micro_batch(trial: Callable[[int], int], budget_bytes: int, margin:
     counts bytes; cuda_trial: 2 MiB, the caching allocator's block), else 2 MiB. Raise it for a
     device whose peak varies with the shape (cuDNN workspaces). Raises DoesNotFit if even
     `min_batch` does not fit; stops after `max_trials` with the largest fit so far.
+    `on_trial(n, micro_batch, peak or None, fits)` is called after each trial (progress lines).
     """
     if not 1 <= min_batch <= cap:
         raise ValueError(f"need 1 <= min_batch <= cap, got min_batch={min_batch}, cap={cap}")
@@ -139,7 +141,10 @@ def find_max_micro_batch(trial: Callable[[int], int], budget_bytes: int, margin:
         if peak is None:
             release_memory()
         trials.append((b, peak))
-        if peak is not None and peak <= usable:
+        fitted = peak is not None and peak <= usable
+        if on_trial is not None:
+            on_trial(len(trials), b, peak, fitted)
+        if fitted:
             fits[b] = peak
             return True
         peaks[b] = peak

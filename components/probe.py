@@ -2,12 +2,15 @@
 train step, when the config leaves them "auto", and writes the evidence to probe.json.
 
 1. Memory fit: the largest micro-batch that fits the device with a margin (components/memory.py).
-2. Throughput: samples per second on a geometric ladder of micro-batches up to the fit.
+2. Throughput: samples per second on a geometric ladder of micro-batches up to the fit, each the
+   median of timed blocks with its spread (components/throughput.py), after the threads are set
+   (components/cpu.py) and warmed up.
 3. Gradient noise scale B_simple (components/noise_scale.py), after a short warm-up.
 4. Recommendation: the effective batch B maximizing goodput = throughput(B) / (1 + B/B_noise),
    i.e. minimizing time to a target when samples-to-target grow as 1 + B/B_noise
-   (McCandlish et al. 2018); micro-batch = the largest that fits and divides B; accumulation =
-   B / (micro x world size); LR rescaled from train.base_batch_size by train.lr_scaling.
+   (McCandlish et al. 2018); when the goodputs of smaller batches overlap the best's within the
+   measured spread, the smallest of them; micro-batch = the fastest that fits and divides B;
+   accumulation = B / (micro x world size); LR rescaled from train.base_batch_size by train.lr_scaling.
 
     python -m components.probe --config config.yaml --dataset dataset/ --out probe.json --run-dir runs/r1
 """
@@ -18,18 +21,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from components import datasets, memory, metrics, models, noise_scale, storage, training
-from components.config import (AUTO, Config, config_hash, largest_divisor_at_most, load_config_file, parse_config,
-                               with_batch_sizes)
+from components import cpu, datasets, memory, metrics, models, noise_scale, storage, throughput, training
+from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
+                               parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
 from components.tracking import Tracker
 
 PROBE_FILE = "probe.json"
 KNEE = 0.9  # throughput within 10% of the best counts as flat
+throughput_at = throughput.throughput_at  # the study reads the ladder through it
 
 
 def memory_budget(cfg: Config, device: torch.device) -> tuple:
@@ -48,45 +52,53 @@ def memory_budget(cfg: Config, device: torch.device) -> tuple:
                            "gradients, optimizer state, inputs and the activations autograd saves")
 
 
-def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, steps: int,
-                      device: torch.device, repeats: int = 3) -> List[Dict]:
-    """Samples/s of full training steps at micro-batches 8, 16, ... up to `top` (and `top`).
-    One warm-up step, then the fastest of `repeats` timed runs of `steps` steps: noise from a
-    shared machine only ever slows a run down. Runs on a copy: the probed model is not trained."""
-    sizes = sorted({min(top, 2 ** k) for k in range(3, max(4, math.ceil(math.log2(max(top, 8))) + 1))} | {top})
-    ladder = []
-    for b in sizes:
-        trial_model = copy.deepcopy(model)
-        optimizer = optimizer_factory(trial_model)
-        rows = torch.arange(b, device=device) % len(x)
-        xb, yb = x[rows], y[rows]
+def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device: torch.device, *,
+                      time_s: float = 0.02, remeasure: int = 2, timer: Optional[throughput.StepTimer] = None,
+                      progress: bool = True) -> Dict:
+    """Samples/s of full training steps at micro-batches 8, 16, ... up to `top` (and `top`), each
+    the median of blocks timed for `time_s` seconds, with its spread; re-measured where the ladder
+    is not monotone beyond the spread (components/throughput.py). Runs on one copy (the rungs
+    are interleaved; one copy is what fits next to the model): the probed model is not trained.
+    Returns {"ladder", "remeasured", "accepted"}."""
+    trial_model = copy.deepcopy(model)
+    optimizer = optimizer_factory(trial_model)
 
-        def run_steps(n: int) -> float:
-            start = time.perf_counter()
-            for _ in range(n):
-                loss_fn(trial_model(xb), yb).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - start
+    def make_step(b: int) -> Callable[[], None]:
+        # What the trainer's step does (components/training.py): gather the batch by index, forward,
+        # backward, update, and one host sync for the loss. Leaving the gather and the sync out made
+        # the study's measured pace 1.5x the probe's on the digits MLP (bench/study_timing.py).
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(b))
+        rows = (order[:b] if b <= len(x) else torch.arange(b) % len(x)).to(device)
 
-        run_steps(1)  # pays for allocation and kernel selection
-        fastest = min(run_steps(steps) for _ in range(repeats))
-        ladder.append({"micro_batch_size": b, "samples_per_s": b * steps / fastest})
-    return ladder
+        def step() -> None:
+            loss = loss_fn(trial_model(x[rows]), y[rows])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+        return step
 
+    sizes = throughput.ladder_sizes(top)
+    settle = make_step(sizes[-1])  # torch's thread pool wakes and the clock ramps up before the first rung
+    deadline = time.perf_counter() + time_s
+    settle()
+    while time.perf_counter() < deadline:
+        settle()
+    del settle
 
-def throughput_at(ladder: List[Dict], micro: int) -> float:
-    """Measured samples/s at `micro`, interpolated in log2(batch) between ladder rungs."""
-    points = [(r["micro_batch_size"], r["samples_per_s"]) for r in ladder]
-    if micro <= points[0][0]:
-        return points[0][1] * micro / points[0][0]
-    for (b0, t0), (b1, t1) in zip(points, points[1:]):
-        if b0 <= micro <= b1:
-            w = (math.log2(micro) - math.log2(b0)) / max(1e-12, math.log2(b1) - math.log2(b0))
-            return t0 + w * (t1 - t0)
-    return points[-1][1]
+    def on_rung(r: Dict) -> None:
+        if progress:
+            print(f"probe: throughput micro-batch {r['micro_batch_size']}: {r['samples_per_s']:,.0f} samples/s "
+                  f"+- {r['spread']:,.0f}", flush=True)
+
+    def on_remeasure(n: int, pairs: List, uncertain: List[int]) -> None:
+        if progress:
+            print(f"probe: throughput re-measuring ({_why_again(pairs, uncertain)}; round {n})", flush=True)
+
+    # on an accelerator a block of one step would mostly time the sync: blocks of >= 1 ms there
+    timer = timer or throughput.BlockTimer(time_s / throughput.PASSES,
+                                           min_block_s=1e-3 if device.type == "cuda" else 50e-6)
+    return throughput.measure_ladder(sizes, make_step, timer, remeasure, on_rung=on_rung, on_remeasure=on_remeasure)
 
 
 def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train: int) -> Dict:
@@ -114,10 +126,26 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
         efficiency = 1.0 / (1.0 + batch / b_noise)  # relative samples-to-target: E_min / E(B)
         options.append({"effective_batch_size": batch, "micro_batch_size": micro,
                         "accumulation_steps": per_rank // micro, "samples_per_s": samples_per_s,
-                        "statistical_efficiency": efficiency, "goodput": samples_per_s * efficiency})
+                        "statistical_efficiency": efficiency, "goodput": samples_per_s * efficiency,
+                        # the spread of the measured throughput's median, carried through
+                        "goodput_spread": throughput_at(ladder, micro, "spread") * world * efficiency})
     best = max(options, key=lambda o: o["goodput"])
-    lr = training.scaled_lr(t.lr, best["effective_batch_size"], t.base_batch_size, t.lr_scaling)
-    return {**best, "world_size": world, "lr": lr, "options": options}
+    # Goodputs that overlap the best's within the measured spread are not told apart by this
+    # measurement: take the smallest such batch (fewer samples to the target, less memory).
+    chosen = min((o for o in options
+                  if o["goodput"] + o["goodput_spread"] >= best["goodput"] - best["goodput_spread"]),
+                 key=lambda o: o["effective_batch_size"])
+    note = None
+    if chosen is not best:
+        note = (f"goodput at batch {chosen['effective_batch_size']} ({_span(chosen)}) overlaps the best, batch "
+                f"{best['effective_batch_size']} ({_span(best)}), within the measured spread: "
+                f"the smaller batch {chosen['effective_batch_size']} is chosen")
+    lr = training.scaled_lr(t.lr, chosen["effective_batch_size"], t.base_batch_size, t.lr_scaling)
+    return {**chosen, "world_size": world, "lr": lr, "options": options, "spread_note": note}
+
+
+def _span(option: Dict) -> str:
+    return f"{option['goodput']:,.0f} +- {option['goodput_spread']:,.0f}"
 
 
 def decision(result: Dict) -> Dict:
@@ -125,7 +153,7 @@ def decision(result: Dict) -> Dict:
     return {"recommendation": result["recommendation"], "b_simple": result["noise_scale"]["b_simple"],
             "b_simple_spread": result["noise_scale"]["spread"],
             "max_micro_batch_size": result["memory"]["micro_batch_size"], "device": result["device"],
-            "throughput_ladder": result["throughput"]["ladder"],
+            "throughput_ladder": result["throughput"]["ladder"], "cpu_threads": result.get("cpu_threads"),
             "reasoning": result["reasoning"]}
 
 
@@ -135,10 +163,13 @@ def apply(config: dict, result: Dict) -> dict:
     return with_batch_sizes(config, choice["effective_batch_size"], choice["micro_batch_size"])
 
 
-def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
-    cfg = parse_config(config)
+def run(config: dict, dataset_path: str, out: str, run_dir: str,
+        timer: Optional[throughput.StepTimer] = None) -> Dict:
+    """`timer` replaces the throughput ladder's clock (tests script the timings)."""
     run_dir = storage.local_path(run_dir)
     data = datasets.load(Path(dataset_path))
+    config = for_dataset(config, data.manifest)
+    cfg = parse_config(config)
     identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
     saved = run_dir / PROBE_FILE
     if saved.exists():  # a resumed run keeps the decision its checkpoints were made with
@@ -149,6 +180,7 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
             return result
 
     start = time.perf_counter()
+    threads = cpu.configure_threads(cfg.train)  # before anything is timed: the pace training will see
     device = training.resolve_device(cfg.train.device)
     x, y = (torch.as_tensor(a).to(device) for a in data.split("train"))
     n_train = len(x)
@@ -172,7 +204,8 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
         trial = memory.cpu_trial(model, loss_fn, x, y, optimizer_state_factor=state_factor)
     start_at = memory.first_probe_batch(model, loss_fn, x, y, cap) if device.type == "cuda" else 8
     try:
-        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap, probe=start_at)
+        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap, probe=start_at,
+                                          on_trial=_print_trial)
     except memory.DoesNotFit as exc:
         raise ConfigError(f"probe: {exc}") from None
     if cfg.train.micro_batch_size != AUTO and cfg.train.micro_batch_size > fit.micro_batch:
@@ -183,10 +216,12 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
     def optimizer_factory(m):
         return training.make_optimizer(m, cfg.train, cfg.train.lr)
 
-    ladder = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch,
-                               cfg.probe.throughput_steps, device)
-    best_rate = max(r["samples_per_s"] for r in ladder)
-    knee = min(r["micro_batch_size"] for r in ladder if r["samples_per_s"] >= KNEE * best_rate)
+    timed = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch, device,
+                              time_s=cfg.probe.throughput_time_s, remeasure=cfg.probe.throughput_remeasure,
+                              timer=timer)
+    ladder = timed["ladder"]
+    best = max(ladder, key=lambda r: r["samples_per_s"])
+    knee = min(r["micro_batch_size"] for r in ladder if r["samples_per_s"] >= KNEE * best["samples_per_s"])
 
     # 3. gradient noise scale, after a short warm-up (the noise scale grows as the loss falls)
     small = max(1, min(fit.micro_batch, cfg.train.base_batch_size, n_train // (2 * cfg.probe.noise_accumulation)))
@@ -201,25 +236,34 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
     noise = noise_scale.measure(warm, loss_fn, x, y, small, cfg.probe.noise_accumulation,
                                 cfg.probe.noise_batches, gen)
     b_noise = noise.b_simple if noise.b_simple > 0 and math.isfinite(noise.b_simple) else float(small)
+    print(f"probe: noise scale B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} ({noise.n_batches} batches "
+          f"of {small * cfg.probe.noise_accumulation} after {cfg.probe.warmup_steps} warm-up steps)", flush=True)
 
     # 4. recommendation
     choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
+    spread_note = choice.pop("spread_note")
     reasoning = [
         fit.reasoning,
-        f"throughput flat above micro-batch {knee} ({best_rate:,.0f} samples/s at best)",
+        f"throughput flat above micro-batch {knee} ({best['samples_per_s']:,.0f} +- {best['spread']:,.0f} "
+        f"samples/s at best, {threads} thread{'s' * (threads > 1)})",
+        *_ladder_notes(timed, cfg.probe.throughput_remeasure),
         f"B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} after {cfg.probe.warmup_steps} warm-up steps "
         f"(small batch {small}, big {small * cfg.probe.noise_accumulation}, {noise.n_batches} batches)",
         f"-> effective {choice['effective_batch_size']} = {choice['micro_batch_size']} x "
         f"{choice['accumulation_steps']} x {choice['world_size']}, lr {choice['lr']:.4g} "
         f"({cfg.train.lr_scaling} from {cfg.train.lr} at {cfg.train.base_batch_size})",
     ]
+    if spread_note:
+        reasoning.insert(-1, spread_note)
     result = {
         **identity,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "memory": {"budget_bytes": budget, "budget": budget_note, "margin": fit.margin,
                    "micro_batch_size": fit.micro_batch, "trials": fit.trials, "fixed_bytes": fit.fixed_bytes,
                    "per_sample_bytes": fit.per_sample_bytes, "reasoning": fit.reasoning},
-        "throughput": {"ladder": ladder, "knee_micro_batch_size": knee},
+        "cpu_threads": threads,
+        "throughput": {"ladder": ladder, "knee_micro_batch_size": knee, "time_s": cfg.probe.throughput_time_s,
+                       "remeasured": timed["remeasured"], "accepted_non_monotone": timed["accepted"]},
         "noise_scale": noise.to_dict(),
         "recommendation": {k: v for k, v in choice.items() if k != "options"},
         "options": choice["options"],
@@ -232,11 +276,35 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str) -> Dict:
 
     tracker = Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "probe", {**config, **identity})
     for rung in ladder:
-        tracker.log(rung)
+        tracker.log({k: rung[k] for k in ("micro_batch_size", "samples_per_s", "spread")})
     tracker.summarize({**{f"probe/{k}": v for k, v in result["recommendation"].items()},
                        "probe/b_simple": noise.b_simple, "probe/max_micro_batch_size": fit.micro_batch})
     tracker.finish()
     return result
+
+
+def _print_trial(n: int, micro_batch: int, peak: Optional[int], fits: bool) -> None:
+    need = memory._fmt(peak) if peak is not None else "out of memory"
+    print(f"probe: memory trial {n}: micro-batch {micro_batch} {'fits' if fits else 'does not fit'} ({need})",
+          flush=True)
+
+
+def _why_again(pairs: List, uncertain: List[int]) -> str:
+    why = [", ".join(f"{big} slower than {small}" for small, big in pairs) + " beyond the spread"] if pairs else []
+    if uncertain:
+        why.append(f"{', '.join(map(str, uncertain))} uncertain by over {throughput.UNCERTAIN:.0%}")
+    return "; ".join(why)
+
+
+def _ladder_notes(timed: Dict, rounds: int) -> List[str]:
+    """What re-measuring the ladder did, for the reasoning."""
+    notes = [f"re-measured micro-batch{'es' * (len(r['micro_batch_sizes']) > 1)} "
+             f"{', '.join(map(str, r['micro_batch_sizes']))} (round {r['round']}: "
+             f"{_why_again(r['pairs'], r['uncertain'])})" for r in timed["remeasured"]]
+    if timed["accepted"]:
+        notes.append(f"throughput still falls ({', '.join(f'{small} -> {big}' for small, big in timed['accepted'])})"
+                     f" after {rounds} re-measurement round{'s' * (rounds != 1)}: taken as real")
+    return notes
 
 
 @exit_on_user_error

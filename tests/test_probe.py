@@ -1,10 +1,12 @@
 """The probe step: recommendation arithmetic, bad input, and a real probe of digits on CPU."""
 
 import json
+import math
+import time
 
 import pytest
 
-from components import data_prep, probe
+from components import data_prep, probe, throughput
 from components.config import parse_config
 from components.errors import ConfigError
 from conftest import config
@@ -73,7 +75,7 @@ def test_fixed_sizes_are_respected():
 @pytest.fixture
 def digits_artifact(tmp_path):
     raw = auto().to_dict()
-    raw["probe"].update(warmup_steps=20, throughput_steps=2, noise_batches=8)
+    raw["probe"].update(warmup_steps=20, throughput_time_s=0.005, noise_batches=8)
     raw["run_id"] = "p"
     data_prep.run(raw, str(tmp_path / "data"))
     return raw, tmp_path
@@ -105,15 +107,190 @@ def test_probe_on_digits_writes_its_measurements_and_choice(digits_artifact, cap
     assert applied.accumulation_steps == choice["accumulation_steps"]
 
 
-def test_probe_refuses_what_cannot_fit(digits_artifact):
+def test_probe_refuses_what_cannot_fit(digits_artifact, capsys):
     raw, tmp = digits_artifact
     tiny = {**raw, "probe": {**raw["probe"], "memory_budget_gb": 1e-6}}
     with pytest.raises(ConfigError) as err:
         probe.run(tiny, str(tmp / "data"), str(tmp / "out.json"), str(tmp / "run"))
     assert str(err.value).startswith("probe: ") and "\n" not in str(err.value)
+    trials = [line for line in capsys.readouterr().out.splitlines() if line.startswith("probe: memory trial")]
+    assert trials == ["probe: memory trial 1: micro-batch 8 does not fit (210.2 KiB)",
+                      "probe: memory trial 2: micro-batch 1 does not fit (202.9 KiB)"]
     assert not (tmp / "run" / "probe.json").exists() and not (tmp / "out.json").exists()
 
     big_micro = {**raw, "train": {**raw["train"], "micro_batch_size": 4096, "batch_size": 8192}}
     with pytest.raises(ConfigError, match="train.micro_batch_size: 4096 does not fit"):
         probe.run({**big_micro, "probe": {**raw["probe"], "max_micro_batch_size": 8192, "memory_budget_gb": 0.002}},
                   str(tmp / "data"), str(tmp / "out.json"), str(tmp / "run"))
+
+
+# ---------------------------------------------------------------- measured spread and re-measuring
+
+
+def spread_ladder(rates):
+    """Rungs with a measured spread: {micro_batch: (median, spread)} samples/s."""
+    return [{"micro_batch_size": b, "samples_per_s": m, "spread": s} for b, (m, s) in rates.items()]
+
+
+def test_goodputs_that_overlap_within_the_spread_choose_the_smaller_batch():
+    # b_noise 128: goodput(64) = 6400 / 1.5 = 4267, goodput(128) = 10000 / 2 = 5000 by the medians
+    cfg = auto(lr=0.1, base_batch_size=32, lr_scaling="linear")
+    narrow = {8: (800, 8), 16: (1600, 16), 32: (3200, 32), 64: (6400, 64), 128: (10000, 100)}
+    choice = probe.recommend(cfg, fit=128, ladder=spread_ladder(narrow), b_noise=128.0, n_train=1024)
+    assert choice["effective_batch_size"] == 128 and choice["spread_note"] is None
+    # the same medians, wider spreads: 4267 + 400 reaches 5000 - 500
+    wide = {**narrow, 64: (6400, 600), 128: (10000, 1000)}
+    choice = probe.recommend(cfg, fit=128, ladder=spread_ladder(wide), b_noise=128.0, n_train=1024)
+    assert (choice["effective_batch_size"], choice["micro_batch_size"], choice["accumulation_steps"]) == (64, 64, 1)
+    assert choice["lr"] == pytest.approx(0.2)
+    by_batch = {o["effective_batch_size"]: o for o in choice["options"]}
+    assert by_batch[128]["goodput"] == pytest.approx(5000) and by_batch[128]["goodput_spread"] == pytest.approx(500)
+    assert by_batch[64]["goodput_spread"] == pytest.approx(400)
+    assert choice["spread_note"] == ("goodput at batch 64 (4,267 +- 400) overlaps the best, batch 128 (5,000 +- 500), "
+                                     "within the measured spread: the smaller batch 64 is chosen")
+    # 32 (goodput 2560 +- 26) is clearly slower than 128: not chosen, although it is smaller
+
+
+def median_spread(mad, n):
+    """What throughput.median_spread gives for n blocks with this median absolute deviation."""
+    return 1.96 * math.sqrt(math.pi / 2) * 1.4826 * mad / math.sqrt(n)
+
+
+class ScriptedTimer:
+    """A StepTimer that returns scripted samples/s per block instead of timing: rates[b] is a list of
+    measurements (each a list of per-block samples/s), consumed in order, the last one repeated."""
+
+    def __init__(self, rates):
+        self.rates, self.calls = rates, []
+
+    def __call__(self, micro_batch, step):
+        self.calls.append(micro_batch)
+        script = self.rates[micro_batch]
+        blocks = script[min(self.calls.count(micro_batch), len(script)) - 1]
+        return throughput.Blocks(10 * len(blocks), [micro_batch / r for r in blocks])
+
+
+def no_step(b):
+    return lambda: None
+
+
+def steady(rate, n=7):
+    return [rate * f for f in (0.99, 1.0, 1.01, 1.0, 0.995, 1.005, 1.0)[:n]]
+
+
+def test_a_non_monotone_outlier_rung_is_measured_again_and_the_middle_of_three_stands():
+    made = []
+
+    def make_step(b):
+        made.append(b)
+        return lambda: None
+
+    timer = ScriptedTimer({8: [steady(800)], 16: [steady(1600)], 32: [steady(3200)],
+                           64: [steady(900), steady(6400), steady(6300)], 128: [steady(9000)]})
+    result = throughput.measure_ladder([8, 16, 32, 64, 128], make_step, timer, remeasure=2, passes=1)
+    rungs = {r["micro_batch_size"]: r for r in result["ladder"]}
+    # 64 measured at 900 is slower than 16 and 32 beyond both spreads: 64, in both pairs, is the odd one
+    assert result["remeasured"] == [{"round": 1, "pairs": [[16, 64], [32, 64]], "uncertain": [],
+                                     "micro_batch_sizes": [64]}]
+    assert result["accepted"] == []
+    assert rungs[64]["measurements"] == pytest.approx([900, 6400, 6300])
+    assert rungs[64]["samples_per_s"] == pytest.approx(6300)  # the middle of the three, not the fastest
+    assert rungs[64]["samples_per_s_q1"] == pytest.approx(6300 * 0.9975)
+    assert rungs[64]["spread"] == pytest.approx(median_spread(6300 * 0.005, 7))
+    assert rungs[32]["measurements"] == pytest.approx([3200]) and rungs[8]["measurements"] == pytest.approx([800])
+    assert timer.calls == [8, 16, 32, 64, 128, 64, 64]
+    assert made == [8, 16, 32, 64, 128]  # one step per rung, warmed up once
+    assert rungs[64]["steps"] == 3 * 70 + 1  # every block's steps and the warm-up step
+
+
+def test_the_odd_rung_out_is_the_one_measured_again():
+    assert throughput.suspects([(8, 1024), (16, 1024), (512, 1024)]) == [1024]
+    assert throughput.suspects([(16, 32)]) == [16, 32]  # on its own, either may be off
+    assert throughput.suspects([(8, 64), (16, 64), (128, 256)]) == [64, 128, 256]
+    assert throughput.suspects([]) == []
+
+
+def test_a_throughput_dip_that_persists_is_accepted_after_the_remeasure_budget():
+    timer = ScriptedTimer({8: [steady(800)], 16: [steady(1600)], 32: [steady(1000)]})  # a cache cliff at 32
+    result = throughput.measure_ladder([8, 16, 32], no_step, timer, remeasure=2, passes=1)
+    assert [r["round"] for r in result["remeasured"]] == [1, 2]
+    assert result["accepted"] == [[16, 32]]
+    assert len(result["ladder"][2]["measurements"]) == 5
+    none = throughput.measure_ladder([8, 16, 32], no_step, ScriptedTimer(timer.rates), remeasure=0, passes=1)
+    assert none["remeasured"] == [] and none["accepted"] == [[16, 32]]
+
+
+def test_flattening_within_the_spread_is_not_re_measured():
+    timer = ScriptedTimer({8: [steady(800)], 16: [[1500, 1600, 1700, 1600, 1550]],
+                           32: [[1480, 1590, 1650, 1600, 1500]]})  # lower median, overlapping quartiles
+    result = throughput.measure_ladder([8, 16, 32], no_step, timer, passes=1)
+    assert result["remeasured"] == [] and result["accepted"] == [] and len(timer.calls) == 3
+
+
+def test_a_rung_whose_median_is_uncertain_is_measured_again():
+    """Most blocks of 16's first measurement stalled: its median is known only to within ~50%
+    (no pair is non-monotone beyond such a spread); measured again, it is clean."""
+    stalled = [400.0, 900.0, 1600.0, 300.0, 1500.0, 700.0, 1650.0]
+    timer = ScriptedTimer({8: [steady(800)], 16: [stalled, steady(1600), steady(1590)], 32: [steady(3200)]})
+    result = throughput.measure_ladder([8, 16, 32], no_step, timer, passes=1)
+    assert result["remeasured"] == [{"round": 1, "pairs": [], "uncertain": [16], "micro_batch_sizes": [16]}]
+    assert result["ladder"][1]["samples_per_s"] == pytest.approx(1590) and result["accepted"] == []
+
+
+def test_passes_interleave_the_rungs_and_pool_their_blocks():
+    """A slow spell during the second pass lands on every rung's blocks of that pass, a third of
+    each: the medians hold, only the lower quartiles fall."""
+    timer = ScriptedTimer({8: [steady(800), [80.0] * 7, steady(800)], 16: [steady(1600), [160.0] * 7, steady(1600)],
+                           32: [steady(3200), [320.0] * 7, steady(3200)]})
+    result = throughput.measure_ladder([8, 16, 32], no_step, timer)
+    assert timer.calls == [8, 16, 32] * 3 and result["remeasured"] == []
+    assert [r["samples_per_s"] for r in result["ladder"]] == pytest.approx([800 * 0.995, 1600 * 0.995, 3200 * 0.995])
+    assert [r["samples_per_s_q1"] for r in result["ladder"]] == pytest.approx([80, 160, 320])
+    # ...but not the spread of the median: the median absolute deviation ignores the stalled third
+    assert result["ladder"][0]["spread"] == pytest.approx(median_spread(8, 21))  # 6.4, under 1%
+    assert [r["steps"] for r in result["ladder"]] == [3 * 70 + 1] * 3
+
+
+def test_block_timer_times_one_step_per_block_unless_steps_are_tiny():
+    calls = []
+
+    def slow():  # over min_block_s (50 us): a block is one step
+        calls.append(1)
+        time.sleep(1e-4)
+
+    timer = throughput.BlockTimer(0.003)
+    blocks = timer(8, slow)
+    assert blocks.steps == len(calls) == 3 + len(blocks.seconds_per_step)  # 3 steps size the blocks
+    assert len(blocks.seconds_per_step) >= throughput.MIN_BLOCKS and min(blocks.seconds_per_step) >= 1e-4
+    calls.clear()
+    tiny = timer(16, lambda: calls.append(1))  # ~0.1 us a step: hundreds per block
+    assert timer.block_steps[16] >= 100 and tiny.steps == len(calls)
+    calls.clear()
+    again = timer(16, lambda: calls.append(1))  # sized once per micro-batch
+    assert again.steps == len(calls) == timer.block_steps[16] * len(again.seconds_per_step)
+
+
+def test_probe_re_measures_an_outlier_and_chooses_from_scripted_timings(digits_artifact, capsys):
+    """The digits probe with the ladder's clock scripted: linear throughput up to 128, flat above.
+    Its first measurement of 128 is an outlier (300 samples/s): taken as it is, the best batch would
+    be 64 (accumulating 2 x 64 for 128 is slower than 64 itself); measured again, 128. Throughput
+    linear in the batch up to 128 makes 128 the best for any B_simple (goodput 1280 / (1 + 128/B)
+    against 640 / (1 + 64/B)), clear of the spread above B ~ 1."""
+    raw, tmp = digits_artifact
+    rates = {b: [steady(10.0 * min(b, 128))] for b in (8, 16, 32, 64, 128, 256, 512, 1024, 1259)}
+    rates[128] = [steady(300)] * throughput.PASSES + [steady(1280)] * throughput.PASSES + [steady(1270)]
+    result = probe.run(raw, str(tmp / "data"), str(tmp / "out.json"), str(tmp / "run"), timer=ScriptedTimer(rates))
+    assert result["noise_scale"]["b_simple"] > 5
+    choice = result["recommendation"]
+    assert (choice["effective_batch_size"], choice["micro_batch_size"], choice["accumulation_steps"]) == (128, 128, 1)
+    assert "spread_note" not in choice and result["cpu_threads"] == 1  # OMP_NUM_THREADS=1 (conftest)
+    timed = result["throughput"]
+    assert [r["micro_batch_sizes"] for r in timed["remeasured"]] == [[128]]
+    assert timed["ladder"][4]["measurements"] == pytest.approx([300, 1280, 1270])
+    assert ("re-measured micro-batch 128 (round 1: 128 slower than 32, 128 slower than 64 beyond the spread)"
+            in result["reasoning"])
+    out = capsys.readouterr().out
+    assert "probe: memory trial 1: micro-batch 8 fits (" in out and "probe: memory trial 2: micro-batch 1259 fits" in out
+    assert "probe: throughput micro-batch 128: 300 samples/s +- 1\n" in out
+    assert "probe: throughput re-measuring (128 slower than 32, 128 slower than 64 beyond the spread; round 1)\n" in out
+    assert "probe: noise scale B_simple ~ " in out
