@@ -10,7 +10,8 @@ The study step (components.study) calls load_study/render after its runs; to reb
 from saved results use `python -m pipelines.report STUDY_DIR [STUDY_DIR ...]`.
 
 Only runs with "selected": true stand for their batch size in the plots; the others (the LR
-grid's alternatives) appear faded in the steps plot and in the run table.
+search's alternatives, and runs repeated with finer evaluations) appear faded in the steps plot
+and in the run table. Diverged runs are labelled as such in the run table and in the plots.
 """
 
 import base64
@@ -73,15 +74,17 @@ h1{margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-
 .meta{color:#666;font-size:.9em} .answer{background:#f3f8ff;border-left:4px solid #1f77b4;padding:.6em 1em;margin:1em 0}
 .answer ul{margin:.3em 0} .note{color:#8a5a00;font-size:.9em} .error{color:#b00020}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0 1.2em} th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f4f4f4} td.l,th.l{text-align:left} tr.faded td{color:#999}
+th{background:#f4f4f4} td.l,th.l{text-align:left} tr.faded td{color:#999} tr.diverged td{color:#b00020}
 figure{margin:1.2em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:.9em}
 """
 
 BATCH_COLUMNS = ("batch", "lr", "reached / seeds", "steps to target", "samples to target",
-                 "epochs to target", "time to target (s)", "test metric", "regime")
-RUN_COLUMNS = ("run", "selected", "batch", "micro-batch", "accum.", "lr", "seed", "status", "reached",
-               "steps to target", "samples to target", "epochs to target", "time to target (s)", "best metric",
-               "test metric", "stop reason", "optimizer steps", "samples seen", "wall time (s)", "B_simple", "rows")
+                 "epochs to target", "time to target (s)", "test metric", "regime", "LR search: tried (chosen)",
+                 "bracketed")
+RUN_COLUMNS = ("run", "selected", "batch", "micro-batch", "accum.", "lr", "lr x", "seed", "search", "eval every",
+               "status", "reached", "steps to target", "samples to target", "epochs to target", "time to target (s)",
+               "best metric", "test metric", "stop reason", "optimizer steps", "samples seen", "wall time (s)",
+               "s / step (warm)", "B_simple", "rows")
 
 
 def _e(value) -> str:
@@ -129,6 +132,21 @@ def _probe_html(study: dict) -> str:
                       f"largest micro-batch that fits {fmt(probe.get('max_micro_batch_size'))}.") + "</p>"
 
 
+def _search_cells(b: dict) -> tuple:
+    """(multipliers tried with the chosen one in brackets, marked d where a run diverged; bracketed)."""
+    search = b.get("lr_search") or {}
+    if not search:
+        return "–", "–"
+    runs_diverged = set(search.get("diverged") or [])
+    tried = []
+    for m in search.get("tried") or []:
+        text = f"x{m:g}" + (" d" if any(f"-lr{m:g}x-" in n for n in runs_diverged) else "")
+        tried.append(f"[{text}]" if m == search.get("chosen") else text)
+    bracketed = search.get("bracketed")
+    edge = f"no: best at the {search['edge']} tried" if bracketed is False and search.get("edge") else fmt(bracketed)
+    return " ".join(tried) or "–", ("– (one LR)" if bracketed is None else edge)
+
+
 def _batch_rows(study: dict) -> list:
     rows = []
     for b in study.get("batches") or []:
@@ -137,20 +155,21 @@ def _batch_rows(study: dict) -> list:
                       f"{fmt(b.get('reached'))} / {fmt(b.get('seeds'))}", _med(b.get("steps_to_target")),
                       _med(b.get("samples_to_target")), _med(b.get("epochs_to_target")),
                       _med(b.get("time_to_target_s")), plus_minus(test.get("mean"), test.get("std")),
-                      b.get("regime") or "–"), ""))
+                      b.get("regime") or "–") + _search_cells(b), ""))
     return rows
 
 
 def _run_rows(study: dict) -> list:
-    keys = ("batch_size", "micro_batch_size", "accumulation_steps", "lr", "seed", "status", "reached_target",
-            "steps_to_target", "samples_to_target", "epochs_to_target", "time_to_target_s", "best_metric",
-            "test_metric", "stop_reason", "optimizer_steps", "samples_seen", "wall_time_s", "gns_b_simple")
+    keys = ("batch_size", "micro_batch_size", "accumulation_steps", "lr", "lr_multiplier", "seed", "search",
+            "eval_every_steps", "status", "reached_target", "steps_to_target", "samples_to_target",
+            "epochs_to_target", "time_to_target_s", "best_metric", "test_metric", "stop_reason", "optimizer_steps",
+            "samples_seen", "wall_time_s", "seconds_per_step", "gns_b_simple")
     rows = []
     for r in study.get("runs") or []:
         selected = r.get("selected", True)
-        cells = (r.get("name"), fmt(bool(selected))) + tuple(
+        cells = (r.get("name"), "superseded" if r.get("superseded") else fmt(bool(selected))) + tuple(
             fmt(r.get(k)) if r.get(k) is not None else "–" for k in keys) + (len(r.get("metrics") or []),)
-        rows.append((cells, "" if selected else "faded"))
+        rows.append((cells, "diverged" if r.get("status") == "diverged" else "" if selected else "faded"))
     return rows
 
 
@@ -185,7 +204,10 @@ def render(studies, out_dir, title: Optional[str] = None) -> Path:
              "<h2>Fit: critical batch size</h2>"]
     for i, s in enumerate(studies):
         parts.append((f"<h3>{_e(ids[i])}</h3>" if many else "") + _fit_html(s) + _probe_html(s))
-    parts.append("<h2>Per batch size (selected learning rate)</h2>")
+    parts.append("<h2>Per batch size (selected learning rate)</h2><p class=\"meta\">LR search: multipliers of the "
+                 "scaled LR tried at each batch, the chosen one in brackets, d where a run diverged. A diverged run "
+                 "is never chosen; when every LR tried diverged the batch is retried at half the lowest, at most "
+                 "study.divergence_retries times. A choice at the edge of those tried is not bracketed.</p>")
     for i, s in enumerate(studies):
         parts.append((f"<h3>{_e(ids[i])}</h3>" if many else "") + _table(BATCH_COLUMNS, _batch_rows(s), left=0))
     parts.append("<h2>Figures</h2>")
@@ -194,7 +216,8 @@ def render(studies, out_dir, title: Optional[str] = None) -> Path:
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(name)}">'
                      f"<figcaption>{_e(name)}: {_e(caption)}</figcaption></figure>")
     parts.append("<h2>All runs</h2><p class=\"meta\">Faded rows: learning-rate alternatives not selected for their "
-                 "batch size. Medians in the per-batch table are over the selected runs' seeds.</p>")
+                 "batch size, and runs repeated with finer evaluations (superseded). Red rows: diverged, left out "
+                 "of the fit. Medians in the per-batch table are over the selected runs' seeds.</p>")
     for i, s in enumerate(studies):
         parts.append((f"<h3>{_e(ids[i])}</h3>" if many else "") + _table(RUN_COLUMNS, _run_rows(s)))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'

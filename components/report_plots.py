@@ -35,6 +35,7 @@ STUDY_MARKERS = ("o", "s", "^", "D", "v", "P")
 STUDY_LINES = ("-", ":", "-.", (0, (1, 3)))  # dashed stays free for targets and the probe
 B_CRIT_LINE = (0, (6, 2, 1, 2, 1, 2))
 BATCH_CMAP = "viridis"
+DIVERGED_COLOR = "#b00020"
 
 
 # ---------------------------------------------------------------- study accessors and formatting
@@ -94,6 +95,10 @@ def style(i: int) -> dict:
 
 def _selected(study: dict) -> list:
     return [r for r in study.get("runs") or [] if r.get("selected", True)]
+
+
+def _diverged(study: dict) -> list:
+    return [r for r in study.get("runs") or [] if r.get("status") == "diverged"]
 
 
 def _series(rows: Iterable[dict], x_key: str, y_key: str) -> tuple:
@@ -178,6 +183,10 @@ def plot_steps(studies: list) -> Figure:
         bx, by = _run_points(_selected(study), "steps_to_target")
         if len(bx):
             ax.scatter(bx, by, marker=st["marker"], color=st["color"], alpha=0.45, label=f"{sid}: runs")
+        gone = [b for r in _diverged(study) if (b := num(r.get("batch_size")))]
+        if gone:  # no steps to target: marked along the bottom edge at their batch size
+            ax.scatter(gone, [0.03 + 0.04 * i] * len(gone), marker="x", color=DIVERGED_COLOR, s=60, zorder=5,
+                       transform=ax.get_xaxis_transform(), label=f"{sid}: diverged runs ({len(gone)}, not fitted)")
         fit = fit_of(study)
         if not fit and (study.get("fit") or {}).get("error"):
             ax.text(0.02, 0.02 + 0.06 * i, f"{sid}: fit failed: {study['fit']['error']}", transform=ax.transAxes,
@@ -281,6 +290,20 @@ def _study_legend(ax, studies: list, extra: list = ()) -> None:
         ax.legend(handles=handles, fontsize=8, loc="best")
 
 
+def _diverged_curves(ax, studies: list, x_key: str) -> list:
+    """Diverged runs as thin red dashed lines, a cross where each stopped; the legend handle."""
+    drawn = 0
+    for study in studies:
+        for run in _diverged(study):
+            x, y = _series(run.get("metrics") or [], x_key, target(study)["metric"])
+            if len(x):
+                drawn += 1
+                ax.plot(x, y, color=DIVERGED_COLOR, linestyle="--", lw=0.9, alpha=0.7)
+                ax.plot(x[-1:], y[-1:], marker="x", color=DIVERGED_COLOR, ms=8)
+    return [Line2D([], [], color=DIVERGED_COLOR, linestyle="--", marker="x",
+                   label=f"diverged ({drawn} run{'s' if drawn != 1 else ''}, not fitted)")] if drawn else []
+
+
 def plot_metric(studies: list, x_key: str, x_label: str) -> Figure:
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -288,7 +311,7 @@ def plot_metric(studies: list, x_key: str, x_label: str) -> Figure:
     if not _batch_curves(fig, ax, studies, x_key, lambda s: target(s)["metric"], _batch_norm(studies)):
         _empty(ax, f"No run logged {metric['metric']} (no metrics files were found).")
         return fig
-    extra = []
+    extra = _diverged_curves(ax, studies, x_key)
     for value in sorted({target(s)["value"] for s in studies if target(s)["value"] is not None}):
         ax.axhline(value, color="black", linestyle="--", lw=1.2)
         extra.append(Line2D([], [], color="black", linestyle="--", label=f"target {metric['metric']} = {fmt(value)}"))
@@ -307,9 +330,8 @@ def plot_noise(studies: list) -> Figure:
     probe_text = "; ".join(f"{study_id(s, i)}: probe B_simple = {plus_minus(p.get('b_simple'), p.get('b_simple_spread'))}"
                            for i, s, p in probes if num(p.get("b_simple")) is not None)
     if not _batch_curves(fig, ax, studies, "samples_seen", lambda s: "gns/b_simple", _batch_norm(studies)):
-        _empty(ax, "No run recorded the gradient noise scale (gns/b_simple).\n"
-                   "Training estimates it only for runs with accumulation_steps >= 2,\n"
-                   "from the spread of the micro-batch gradients."
+        _empty(ax, "No measurements: no selected run recorded the gradient noise scale (gns/b_simple)\n"
+                   "in its metrics.jsonl (train.track_noise_scale=false, or batches too small to split)."
                    + (f"\n\n{probe_text}" if probe_text else ""), "Gradient noise scale during training")
         return fig
     extra = []

@@ -65,8 +65,9 @@ def train_pipeline(config: dict):
 
 def study_pipeline(config: dict):
     """The convergence study: the probe (when enabled) centres the batch ladder and sets the
-    micro-batch; the plan's runs fan out with ParallelFor (`study.parallelism` at once on a
-    cluster) and the report step collects their rows."""
+    micro-batch; the plan's batch sizes fan out with ParallelFor (`study.parallelism` at once on
+    a cluster), each task running its batch's LR search run by run (components/lr_search.py), and
+    the report step collects their rows."""
     steps = make_steps(config["platform"]["image"])
     on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]

@@ -193,7 +193,22 @@ def test_doubling_matches_the_fitted_curve():
         assert doubling_costs(b, fit.b_crit) == pytest.approx(samples_ratio - 1)
 
 
-def test_fit_is_a_dataclass_with_the_documented_fields():
-    fit = fit_critical_batch(LADDER, hyperbola(LADDER, 10.0, 20.0))
+@pytest.mark.parametrize("e_min, b_crit", [(12_000.0, 150.0), (3_000.0, 20.0), (50_000.0, 900.0)])
+def test_recovers_e_min_from_samples_to_target_that_follow_the_model(e_min, b_crit):
+    """Samples to target generated from E(B) = E_min (1 + B / B_crit), recorded as a study records
+    them (steps = samples / B): the fit gives back E_min and B_crit, its samples and steps at
+    known batch sizes match, and S_min is the steps at an unlimited batch."""
+    samples = e_min * (1 + LADDER / b_crit)
+    fit = fit_critical_batch(LADDER, samples / LADDER)
     assert isinstance(fit, CriticalBatchFit)
-    assert fit.e_min == pytest.approx(fit.s_min * fit.b_crit)
+    assert fit.e_min == pytest.approx(e_min, rel=1e-6)
+    assert fit.b_crit == pytest.approx(b_crit, rel=1e-6)
+    np.testing.assert_allclose(fit.samples_at(LADDER), samples, rtol=1e-6)
+    assert fit.samples_at(b_crit) == pytest.approx(2 * e_min, rel=1e-6)  # twice the minimum at B = B_crit
+    assert fit.steps_at(b_crit) == pytest.approx(2 * e_min / b_crit, rel=1e-6)
+    assert fit.steps_at(1e12) == pytest.approx(fit.s_min, rel=1e-6)
+    assert fit.s_min == pytest.approx(e_min / b_crit, rel=1e-6)
+    # with 5% noise on the samples, E_min is still within 10% and inside 3 sigma
+    noisy = samples * np.exp(np.random.default_rng(1).normal(0.0, 0.05, LADDER.size))
+    fit = fit_critical_batch(LADDER, noisy / LADDER)
+    assert fit.e_min == pytest.approx(e_min, rel=0.10) and abs(fit.e_min - e_min) < 3 * fit.e_min_err

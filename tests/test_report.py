@@ -192,7 +192,39 @@ def test_noise_plot_explains_when_no_run_measured_the_noise_scale(tmp_path):
     assert any(line.get_ydata()[0] == 180.0 for line in ax.get_lines())  # the probe's B_simple line
     without = report.load_study(make_study(tmp_path, "nogns", gns=False))
     texts = [t.get_text() for t in report_plots.plot_noise([without]).axes[0].texts]
-    assert any("accumulation_steps >= 2" in t and "probe B_simple = 180 ± 40" in t for t in texts)
+    assert any(t.startswith("No measurements") and "probe B_simple = 180 ± 40" in t for t in texts)
+    # measurements in evaluation rows (where the trainer writes them) are drawn, one line per run
+    study = report.load_study(make_study(tmp_path, "evalrows", gns=False))
+    run = study["runs"][0]
+    run["metrics"] = [{**r, "gns/b_simple": 100.0 + r["step"]} for r in run["metrics"] if "val/accuracy" in r]
+    ax = report_plots.plot_noise([study]).axes[0]
+    drawn = [line for line in ax.get_lines() if len(line.get_xdata()) > 2]
+    assert len(drawn) == 1 and not ax.texts
+    np.testing.assert_allclose(drawn[0].get_ydata(), [100.0 + r["step"] for r in run["metrics"]])
+
+
+def test_diverged_runs_are_labelled_in_the_tables_and_the_plots(tmp_path):
+    study_dir = make_study(tmp_path)
+    study = json.loads((study_dir / "study.json").read_text())
+    gone = _write_run(study_dir, "b0128-lr4x-s0", 128, 0.8, 0, scale=2.0)
+    gone.update(status="diverged", selected=False, reached_target=False, steps_to_target=None,
+                divergence={"rule": "collapse", "step": 12, "lr": 0.8})
+    study["runs"].append(gone)
+    study["batches"][2]["lr_search"] = {"tried": [1.0, 2.0, 4.0], "chosen": 2.0, "bracketed": True, "edge": None,
+                                        "diverged": ["b0128-lr4x-s0"]}
+    study["batches"][0]["lr_search"] = {"tried": [0.5, 1.0], "chosen": 1.0, "bracketed": False,
+                                        "edge": "highest", "diverged": []}
+    (study_dir / "study.json").write_text(json.dumps(study))
+    loaded = report.load_study(study_dir)
+    page = report.render([loaded], tmp_path / "out").read_text()
+    row = re.search(r'<tr class="diverged"><td class="l">b0128-lr4x-s0</td>.*?</tr>', page).group(0)
+    assert "<td>diverged</td>" in row
+    assert "<td>x1 [x2] x4 d</td><td>yes</td>" in page
+    assert "<td>x0.5 [x1]</td><td>no: best at the highest tried</td>" in page
+    steps = {line.get_label() for line in report_plots.plot_steps([loaded]).axes[0].collections}
+    assert "s1: diverged runs (1, not fitted)" in steps
+    legend = report_plots.plot_metric([loaded], "samples_seen", "samples seen").axes[0].get_legend()
+    assert "diverged (1 run, not fitted)" in {t.get_text() for t in legend.get_texts()}
 
 
 def test_wandb_report_builds_offline(tmp_path, monkeypatch):

@@ -8,11 +8,12 @@ import re
 import pytest
 import yaml
 
-from components import storage, study
-from components.config import Config
+from components import data_prep, lr_search, storage, study
+from components.config import Config, parse_config
 from components.errors import ConfigError, DataError
 from pipelines import submit
 from pipelines.config import compose_config
+from study_helpers import PROBE, row, study_config
 
 def wandb_records(path):
     """The records of an offline W&B run file. wandb 0.31 ships no reader for it; the file is a
@@ -47,16 +48,6 @@ def wandb_run_info(path):
     return run.run_group, run.job_type, keys
 
 
-PROBE = {"recommendation": {"effective_batch_size": 64}, "b_simple": 150.0, "b_simple_spread": 20.0,
-         "max_micro_batch_size": 24, "device": "cpu"}
-
-
-def study_config(**study_keys) -> dict:
-    raw = compose_config(["pipeline=study", "run_id=s1", "tracking.mode=disabled"])
-    raw["study"].update(study_keys)
-    return raw
-
-
 def test_default_ladder_is_centred_on_the_probe_and_clipped_to_the_data():
     config = study_config()
     assert study.batch_ladder(config, 1259, PROBE) == [8, 16, 32, 64, 128, 256, 512]  # 64 / 8 .. 64 x 8
@@ -70,37 +61,102 @@ def test_default_ladder_is_centred_on_the_probe_and_clipped_to_the_data():
         study.batch_ladder(config, 1259, None)
 
 
-def test_plan_fixes_micro_batch_accumulation_lr_and_evaluation_per_run():
-    config = study_config(batch_sizes=[16, 96], seeds=2, lr_grid=[0.5, 2.0], evals_per_epoch=4)
-    runs = study.plan(config, 1259, PROBE)
-    assert [r["name"] for r in runs] == ["b16-lr0.5x-s0", "b16-lr0.5x-s1", "b16-lr2x-s0", "b16-lr2x-s1",
-                                         "b96-lr0.5x-s0", "b96-lr0.5x-s1", "b96-lr2x-s0", "b96-lr2x-s1"]
-    by_name = {r["name"]: r["config"] for r in runs}
-    big = by_name["b96-lr2x-s1"]
+def test_plan_fixes_micro_batch_budget_and_each_runs_lr_seed_and_cadence():
+    config = study_config(batch_sizes=[16, 96], seeds=2, lr_grid=[0.5, 2.0])
+    entries = study.plan(config, 1259, PROBE)
+    assert [(e["name"], e["batch_size"], e["steps_per_epoch"]) for e in entries] == [("b16", 16, 78), ("b96", 96, 13)]
+    big = entries[1]
     # micro-batch: the largest that fits (24 from the probe) and divides the batch
-    assert (big["train"]["batch_size"], big["train"]["micro_batch_size"]) == (96, 24)
-    assert by_name["b16-lr0.5x-s0"]["train"]["micro_batch_size"] == 16
-    assert big["train"]["lr"] == pytest.approx(0.05 * 2.0)  # the multiplier; lr_scaling applies on top
-    assert big["train"]["seed"] == 1 and big["train"]["max_epochs"] == 30
-    assert big["eval"]["every_steps"] == round((1259 // 96) / 4) and big["eval"]["target"] == 0.95
-    assert by_name["b16-lr0.5x-s0"]["eval"]["every_steps"] == round((1259 // 16) / 4)
-    assert big["eval"]["patience"] == study.NEVER  # stop at the target or the budget
-    assert big["run_id"] == "s1-b96-lr2x-s1" and big["tracking"]["group"] == "s1"
-    assert big["pipeline"] == "train" and big["probe"]["enabled"] is False
+    assert (big["config"]["train"]["batch_size"], big["micro_batch_size"]) == (96, 24)
+    assert entries[0]["micro_batch_size"] == 16 and big["budget_steps"] == 30 * 13
+    run = study.run_config(big, "b96-lr2x-s1", 2.0, 1, every=3, cap=None)
+    assert run["train"]["micro_batch_size"] == 24
+    assert run["train"]["lr"] == pytest.approx(0.05 * 2.0)  # the multiplier; lr_scaling applies on top
+    assert run["train"]["seed"] == 1 and run["train"]["max_epochs"] == 30 and run["train"]["max_steps"] is None
+    assert run["eval"]["every_steps"] == 3 and run["eval"]["target"] == 0.95
+    assert run["eval"]["patience"] == study.NEVER  # stop at the target or the budget
+    assert run["run_id"] == "s1-b96-lr2x-s1" and run["tracking"]["group"] == "s1"
+    assert run["pipeline"] == "train" and run["probe"]["enabled"] is False
+    capped = study.run_config(big, study.run_name(96, 0.5, 0, lr_search.REMEASURE), 0.5, 0, every=1, cap=40)
+    assert capped["train"]["max_steps"] == 40 and capped["run_id"] == "s1-b96-lr0.5x-s0-fine"
+    assert study.run_name(96, 0.5, 0, lr_search.LONGER, attempt=2) == "b96-lr0.5x-s0-longer2"
     assert config["train"]["batch_size"] == "auto"  # the study's own config is untouched
 
 
 def test_a_study_can_train_past_the_target_to_compare_trained_models():
-    config = study_config(batch_sizes=[64], evals_per_epoch=4)
+    config = study_config(batch_sizes=[64])
     config["eval"].update(stop_at_target=False, patience=3)
-    run = study.plan(config, 1259, PROBE)[0]["config"]
+    entry = study.plan(config, 1259, PROBE)[0]
+    run = study.run_config(entry, "b64-lr1x-s0", 1.0, 0, every=4, cap=None)
     assert run["eval"]["stop_at_target"] is False
-    assert run["eval"]["patience"] == 3 * 4  # the same 3 epochs, in the study's finer evaluations
-    rows = [_row(b, round(40 * (1 + 200 / b)), seed=s, test=t)
+    assert run["eval"]["patience"] == math.ceil(3 * 19 / 4)  # the same 3 epochs (19 steps each), every 4 steps
+    rows = [row(b, round(40 * (1 + 200 / b)), seed=s, test=t)
             for b, tests in ((16, (0.96, 0.962)), (512, (0.958, 0.96))) for s, t in enumerate(tests)]
     line = study.summarize({**config, "study": {**config["study"], "seeds": 2}}, rows, None)["answer"][-1]
     assert line.startswith("Generalization after training on past the target: largest batch 512")
     assert "within twice the seed-to-seed spread" in line
+
+
+def test_the_answer_names_seeds_that_missed_the_target_in_a_fitted_batch():
+    rows = [row(b, round(40 * (1 + 200 / b)), seed=s) for b in (16, 64, 256) for s in (0, 1, 2)]
+    rows[4] = row(64, None, seed=1)  # one seed of 64 missed: the median of the other two still counts
+    result = study.summarize(study_config(seeds=3, lr_grid=None), rows, None)
+    assert result["fit"]["error"] is None and result["fit"]["n_points"] == 8
+    assert result["batches"][1]["missed"] == ["b64-lr1x-s1"]
+    assert ("Seeds that missed val/accuracy 0.95 at their batch's chosen LR (the batch is fitted from its other "
+            "seeds): batch 64 (b64-lr1x-s1).") in result["answer"]
+    assert "One LR per batch (study.lr_grid=null): the linear rule's LR (0.05 at batch 32), not re-tuned." \
+        in result["answer"]
+
+
+def test_a_real_divergence_is_detected_labelled_and_retried(tmp_path):
+    """A huge LR on a tiny budget, trained for real: every attempt diverges, each in its own
+    run directory, at half the LR of the one before."""
+    config = study_config(batch_sizes=[64], lr_grid=None, max_steps=6)
+    config["train"].update(lr=1e6, micro_batch_size=64)
+    config["probe"]["enabled"] = False
+    data_prep.run(config, str(tmp_path / "dataset"))
+    manifest = storage.read_json(tmp_path / "dataset" / "manifest.json")
+    (entry,) = study.plan(config, manifest["counts"]["train"], None, manifest)
+    rows = study.run_batch(entry, str(tmp_path / "dataset"), str(tmp_path / "study"))
+    assert [r["name"] for r in rows] == ["b64-lr1x-s0", "b64-lr0.5x-s0", "b64-lr0.25x-s0"]
+    assert [r["status"] for r in rows] == ["diverged"] * 3
+    assert [r["lr"] for r in rows] == pytest.approx([2e6, 1e6, 5e5])  # linear rule: 1e6 x 64/32
+    for r in rows:
+        assert not r["reached_target"] and r["steps_to_target"] is None
+        assert storage.read_json(tmp_path / "study" / r["run_dir"] / "summary.json")["status"] == "diverged"
+    result = study.summarize(config, rows, None)
+    assert result["fit"]["error"] == "no run reached the target: cannot fit the critical batch size"
+    assert not any(r["selected"] for r in rows)
+
+
+def test_a_collapse_is_diverged_even_from_a_trainer_that_does_not_say_so():
+    assert study.fell_back([0.1, 0.6, 0.94, 0.12], "max")  # val/accuracy back to where it started
+    assert not study.fell_back([0.1, 0.6, 0.94, 0.9], "max")
+    assert study.fell_back([2.3, 0.8, 2.2], "min") and not study.fell_back([2.3, 2.3, 2.3], "min")
+    summary = {"status": "completed", "stop_reason": "max_steps", "steps_to_target": None,
+               "best_metric": {"value": 0.94}, "counts": {"train": 1259}, "test": {"accuracy": 0.1},
+               "optimizer_steps": 60, "wall_time_s": 1.0}
+    metrics = [{"step": s, "val/accuracy": v, "wall_time_s": s / 100} for s, v in ((10, 0.1), (20, 0.94), (30, 0.1))]
+    row = study.row_from(summary, summary, "val/accuracy", "max", metrics)
+    assert row["status"] == "diverged" and row["divergence"]["rule"] == "collapse"
+    # a trainer that reports divergence itself is trusted
+    row = study.row_from({**summary, "divergence": None}, None, "val/accuracy", "max", metrics)
+    assert row["status"] == "completed"
+
+
+def test_a_runs_pace_is_timed_from_warm_steps_without_its_evaluations():
+    rows = [{"step": 1, "wall_time_s": 0.5, "train/loss": 1.0}]  # the first step: start-up
+    t = 0.5
+    for step in range(2, 200):
+        t += 0.00043 if step > 3 else 0.05  # the first steps are slow
+        rows.append({"step": step, "wall_time_s": round(t, 4), "train/loss": 1.0})  # 0.1 ms, as the trainer writes
+        if step % 5 == 0:  # an evaluation, 10 ms, is not training
+            t += 0.01
+            rows.append({"step": step, "wall_time_s": round(t, 4), "val/accuracy": 0.5})
+    assert study.warm_seconds_per_step(rows) == pytest.approx(0.00043, rel=0.03)
+    # single steps snap to the 0.1 ms grid: their median is 0.4 ms or 0.5 ms, never 0.43
+    assert study.warm_seconds_per_step(rows, block=1) in (pytest.approx(0.0004), pytest.approx(0.0005))
 
 
 def test_plan_refuses_a_batch_larger_than_the_training_split():
@@ -117,26 +173,11 @@ def test_a_study_needs_a_target():
         compose_config(["pipeline=study", "probe.enabled=false"])
 
 
-def _row(batch, steps, seed=0, multiplier=1.0, best=0.96, test=0.95, n_train=1259):
-    reached = steps is not None
-    return {"name": study.run_name(batch, multiplier, seed), "run_dir": f"runs/{batch}", "batch_size": batch,
-            "lr_multiplier": multiplier, "seed": seed, "status": "completed", "micro_batch_size": batch,
-            "accumulation_steps": 1, "lr": 0.05 * batch / 32 * multiplier, "reached_target": reached,
-            "steps_to_target": steps, "samples_to_target": steps * batch if reached else None,
-            "epochs_to_target": steps * batch / n_train if reached else None,
-            "time_to_target_s": steps * (0.001 + batch * 1e-5) if reached else None, "best_metric": best,
-            "test_metric": test, "stop_reason": "target_reached" if reached else "max_epochs",
-            "optimizer_steps": steps or 500, "samples_seen": (steps or 500) * batch,
-            "wall_time_s": (steps or 500) * (0.001 + batch * 1e-5) + 0.5,  # 0.5 s of evaluation
-            "train_time_s": (steps or 500) * (0.001 + batch * 1e-5),
-            "gns_b_simple": None, "data_version": "d1"}
-
-
 def test_summary_fits_the_critical_batch_and_answers_in_plain_language():
     s_min, b_crit = 40.0, 200.0
-    rows = [_row(b, round(s_min * (1 + b_crit / b))) for b in (16, 32, 64, 128, 256, 512, 1024)]
-    rows.append(_row(64, 2000, multiplier=0.25))  # an LR-grid alternative that is slower
-    rows.append(_row(2048, None))  # missed the target within its budget
+    rows = [row(b, round(s_min * (1 + b_crit / b))) for b in (16, 32, 64, 128, 256, 512, 1024)]
+    rows.append(row(64, 2000, multiplier=0.25))  # an LR-grid alternative that is slower
+    rows.append(row(2048, None))  # missed the target within its budget
     result = study.summarize(study_config(lr_grid=[0.25, 1.0]), rows, PROBE)
     assert result["fit"]["error"] is None
     assert result["fit"]["b_crit"] == pytest.approx(b_crit, rel=0.05)
@@ -163,7 +204,7 @@ def test_summary_fits_the_critical_batch_and_answers_in_plain_language():
 
 
 def test_the_fastest_batch_uses_the_probes_throughput_when_there_is_one():
-    rows = [_row(b, round(40 * (1 + 200 / b))) for b in (16, 32, 64, 128, 256)]
+    rows = [row(b, round(40 * (1 + 200 / b))) for b in (16, 32, 64, 128, 256)]
     # throughput flat from 16 up: a step costs time in proportion to its batch, so the fewest
     # samples (the smallest batch) is also the fastest, whatever the runs' own paces say
     flat = {**PROBE, "throughput_ladder": [{"micro_batch_size": 16, "samples_per_s": 1e5},
@@ -178,19 +219,32 @@ def test_the_fastest_batch_uses_the_probes_throughput_when_there_is_one():
     assert study.summarize(study_config(), rows, PROBE)["best"]["time"]["batch_size"] == 128
 
 
+def test_the_predicted_pace_counts_the_loops_noise_measuring_steps():
+    from components import study_summary
+
+    ladder = [{"micro_batch_size": 16, "samples_per_s": 5e4}, {"micro_batch_size": 64, "samples_per_s": 1e5}]
+    train = parse_config(study_config()).train  # noise tracked; without accumulation every 16th step is split
+    # batch 64 in one micro-batch: 0.64 ms a step; a measuring step runs two halves of 32 at 7.5e4 samples/s
+    assert study_summary.probe_seconds_per_step(ladder, 64, 64, train) == pytest.approx(
+        64 / 1e5 + (64 / 7.5e4 - 64 / 1e5) / 16)
+    assert study_summary.probe_seconds_per_step(ladder, 64, 32, train) == pytest.approx(64 / 7.5e4)  # 32 x 2
+    train.track_noise_scale = False
+    assert study_summary.probe_seconds_per_step(ladder, 64, 64, train) == pytest.approx(64 / 1e5)
+
+
 def test_summary_without_enough_runs_reaching_the_target_keeps_the_rows_and_says_why():
-    rows = [_row(16, 300), _row(64, 90), _row(256, None), _row(512, None)]
+    rows = [row(16, 300), row(64, 90), row(256, None), row(512, None)]
     result = study.summarize(study_config(), rows, None)
     assert "at least 3" in result["fit"]["error"] and len(result["runs"]) == 4
     assert any(line.startswith("No fit of the critical batch: ") for line in result["answer"])
-    nobody = study.summarize(study_config(), [_row(16, None), _row(64, None)], None)
+    nobody = study.summarize(study_config(), [row(16, None), row(64, None)], None)
     assert "no run reached the target" in nobody["fit"]["error"]
     assert nobody["best"] == {"time": None, "samples": None}
     assert nobody["answer"][0].startswith("No batch size reached val/accuracy 0.95")
 
 
 def test_the_generalization_check_uses_the_seed_spread():
-    rows = [_row(b, round(40 * (1 + 200 / b)), seed=s, test=t)
+    rows = [row(b, round(40 * (1 + 200 / b)), seed=s, test=t)
             for b, tests in ((16, (0.96, 0.962)), (64, (0.958, 0.96)), (512, (0.90, 0.91)))
             for s, t in enumerate(tests)]
     result = study.summarize(study_config(seeds=2), rows, None)
@@ -224,7 +278,8 @@ def test_small_study_on_digits_end_to_end(tmp_path, monkeypatch, capsys):
     embedded, and W&B offline runs grouped by the study id."""
     monkeypatch.delenv("WANDB_MODE")  # the default: W&B offline
     args = ["pipeline=study", f"output_dir={tmp_path / 'runs'}", "run_id=mini", "probe.enabled=false",
-            "train.micro_batch_size=64", "study.batch_sizes=[16,64,256]",
+            "train.micro_batch_size=64", "study.batch_sizes=[16,64,256]", "study.lr_grid=null",
+            "study.confirm_seeds=0",
             "eval.target=0.9", "study.max_epochs=40", "--no-progress"]
     assert submit.main(args) == 0
     study_dir = tmp_path / "runs" / "mini"
@@ -284,7 +339,7 @@ def test_contract_the_wandb_report_is_saved_with_the_study_panels_and_its_url_pr
     monkeypatch.setattr(wr.Report, "save", save)
     monkeypatch.setattr(wr.Report, "url", property(lambda self: f"https://wandb.example/{self.project}/reports/r1"))
     monkeypatch.setenv("WANDB_ENTITY", "team")
-    rows = [_row(b, round(40 * (1 + 200 / b))) for b in (16, 64, 256)]
+    rows = [row(b, round(40 * (1 + 200 / b))) for b in (16, 64, 256)]
     result = study.summarize(study_config(), rows, PROBE)
     url = study.publish_wandb_report(result, "convergence-pipeline")
     assert url == "https://wandb.example/convergence-pipeline/reports/r1"
