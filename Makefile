@@ -29,7 +29,9 @@ bench: $(STAMP)
 	@if command -v valgrind >/dev/null; then $(PY) bench/train_loop_instructions.py; \
 	else echo "bench/train_loop_instructions.py skipped: it needs valgrind"; fi
 	$(PY) bench/default_run.py
+	$(PY) bench/probe_stability.py
 	$(PY) bench/study_vs_sweep.py
+	$(PY) bench/study_timing.py
 	# bench/probe_vs_lightning.py needs lightning in a separate venv (see its docstring)
 
 clean:
