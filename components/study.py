@@ -21,9 +21,10 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from components import early_stopping, lr_search, storage
+from components import lr_search, storage
 from components.config import largest_divisor_at_most, load_config_file, parse_config
 from components.errors import DataError, UserInputError, exit_on_user_error
+from components.run_record import RunRecord
 from components.study_summary import resolved, summarize
 
 STUDY_FILE = "study.json"
@@ -179,28 +180,14 @@ def run_one(entry: Dict, name: str, multiplier: float, seed: int, kind: str, eve
     _configure_threads(cfg.train)
     try:
         outcome = train.run(config, dataset_path, str(run_dir / train.MODEL_FILE), str(run_dir), progress=False)
-        try:  # a diverged run without a finite evaluation has no model: evaluate says so
-            summary = evaluate.run(config, dataset_path, str(run_dir / train.MODEL_FILE), outcome, str(run_dir))
-        except UserInputError:
-            if outcome.get("status") != lr_search.DIVERGED:
-                raise
-            summary = None
+        # a diverged run without a finite evaluation has no model: evaluate says so in its summary
+        summary = evaluate.run(config, dataset_path, str(run_dir / train.MODEL_FILE), outcome, str(run_dir))
     except Exception as exc:  # noqa: BLE001 - one broken run must not lose the others
-        written = _read_summary(run_dir)
-        if written.get("status") == lr_search.DIVERGED:  # a step that raised on a diverged run
-            return {**base, **row_from(written, None, cfg.eval.monitor, cfg.eval.mode, _metrics(run_dir))}
         error = str(exc) if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {exc}"
         return {**base, "status": lr_search.FAILED, "error": error, "reached_target": False, "lr": None}
-    row = row_from(outcome, summary, cfg.eval.monitor, cfg.eval.mode, _metrics(run_dir))
+    row = row_from(RunRecord.from_dict(summary), cfg.eval.monitor, _metrics(run_dir))
     row["capped"] = bool(cap) and not row["reached_target"] and row["optimizer_steps"] >= cap
     return {**base, **row}
-
-
-def _read_summary(run_dir: Path) -> Dict:
-    try:
-        return storage.read_json(run_dir / "summary.json")
-    except (OSError, ValueError):
-        return {}
 
 
 def _metrics(run_dir: Path) -> List[Dict]:
@@ -228,54 +215,28 @@ def warm_seconds_per_step(metrics: List[Dict], skip: int = WARM_STEPS, block: in
     return statistics.median(statistics.fmean(b) for b in blocks)
 
 
-def fell_back(values: List[float], mode: str) -> bool:
-    """The monitored metric improved clearly on its first evaluation, then fell back to where it
-    started (the rule of components/early_stopping.py, for rows from a trainer that predates it)."""
-    keep = getattr(early_stopping, "COLLAPSE_KEEP", 0.1)
-    min_gain = getattr(early_stopping, "COLLAPSE_MIN_GAIN", 0.05)
-    values = [v for v in values if v is not None]
-    if not values:
-        return False
-    sign = 1.0 if mode == "max" else -1.0
-    first = best = values[0]
-    for v in values[1:]:
-        best = max(best, v) if mode == "max" else min(best, v)
-        gain = abs(best - first)
-        if gain > min_gain * abs(first) and sign * (v - first) <= keep * gain:
-            return True
-    return False
-
-
-def row_from(outcome: Dict, summary: Optional[Dict], monitor: str, mode: str, metrics: List[Dict]) -> Dict:
-    """A run's row from train's outcome and evaluate's summary (None when there is no model).
-    Diverged: the summary's status (contract 1), its stop reason, or else the metric falling
-    back (fell_back). A diverged run's steps to target are not a result: they are left out."""
-    src = summary or outcome
-    n_train = (src.get("counts") or {}).get("train") or outcome.get("n_train")
-    divergence = src.get("divergence")
-    diverged = (src.get("status") == lr_search.DIVERGED
-                or src.get("stop_reason") in (early_stopping.DIVERGED, early_stopping.NON_FINITE))
-    if not diverged and "divergence" not in src:
-        diverged = fell_back([r.get(monitor) for r in metrics if monitor in r], mode)
-        divergence = {"rule": "collapse", "detail": f"{monitor} fell back to where it started"} if diverged else None
-    reached = not diverged and src.get("steps_to_target") is not None
-    samples = src.get("samples_to_target") if reached else None
-    wall, eval_s = src.get("wall_time_s") or 0.0, src.get("eval_time_s") or 0.0
+def row_from(record: RunRecord, monitor: str, metrics: List[Dict]) -> Dict:
+    """A run's row for study.json from its record (summary.json). Diverged is the trainer's
+    status (components/early_stopping.py): its steps to target are not a result, left out."""
+    diverged = record.status == lr_search.DIVERGED
+    reached = not diverged and record.reached_target
     return {
-        "status": lr_search.DIVERGED if diverged else lr_search.COMPLETED, "divergence": divergence,
-        "micro_batch_size": src.get("micro_batch_size"), "accumulation_steps": src.get("accumulation_steps"),
-        "lr": src.get("lr"), "reached_target": reached,
-        "steps_to_target": src.get("steps_to_target") if reached else None, "samples_to_target": samples,
-        "epochs_to_target": samples / n_train if samples is not None and n_train else None,
+        "status": lr_search.DIVERGED if diverged else lr_search.COMPLETED, "divergence": record.divergence,
+        "micro_batch_size": record.micro_batch_size, "accumulation_steps": record.accumulation_steps,
+        "lr": record.lr, "reached_target": reached,
+        "steps_to_target": record.steps_to_target if reached else None,
+        "samples_to_target": record.samples_to_target if reached else None,
+        "epochs_to_target": record.epochs_to_target if reached else None,
         # training time: a study evaluates often to measure steps precisely, which is not training
-        "time_to_target_s": src.get("train_time_to_target_s") if reached else None,
-        "wall_time_to_target_s": src.get("time_to_target_s") if reached else None,
-        "best_metric": (src.get("best_metric") or {}).get("value"),
-        "test_metric": ((summary or {}).get("test") or {}).get(monitor.split("/", 1)[1]),
-        "stop_reason": src.get("stop_reason"), "optimizer_steps": src.get("optimizer_steps"),
-        "samples_seen": src.get("samples_seen"), "wall_time_s": wall, "train_time_s": wall - eval_s,
+        "time_to_target_s": record.train_time_to_target_s if reached else None,
+        "wall_time_to_target_s": record.time_to_target_s if reached else None,
+        "best_metric": record.best_metric.get("value"),
+        "test_metric": record.test.get(monitor.split("/", 1)[1]),
+        "stop_reason": record.stop_reason, "optimizer_steps": record.optimizer_steps,
+        "samples_seen": record.samples_seen, "wall_time_s": record.wall_time_s or 0.0,
+        "train_time_s": record.train_time_s or 0.0,
         "seconds_per_step": warm_seconds_per_step(metrics),
-        "gns_b_simple": src.get("gns_b_simple"), "data_version": src.get("data_version"),
+        "gns_b_simple": record.gns_b_simple, "data_version": record.data_version,
     }
 
 

@@ -130,19 +130,20 @@ def test_a_real_divergence_is_detected_labelled_and_retried(tmp_path):
     assert not any(r["selected"] for r in rows)
 
 
-def test_a_collapse_is_diverged_even_from_a_trainer_that_does_not_say_so():
-    assert study.fell_back([0.1, 0.6, 0.94, 0.12], "max")  # val/accuracy back to where it started
-    assert not study.fell_back([0.1, 0.6, 0.94, 0.9], "max")
-    assert study.fell_back([2.3, 0.8, 2.2], "min") and not study.fell_back([2.3, 2.3, 2.3], "min")
-    summary = {"status": "completed", "stop_reason": "max_steps", "steps_to_target": None,
+def test_a_run_the_trainer_calls_diverged_is_diverged_in_its_row_and_its_steps_are_not_a_result():
+    from components.run_record import RunRecord
+
+    summary = {"run_id": "r", "status": "diverged", "stop_reason": "diverged", "steps_to_target": 20,
+               "samples_to_target": 640, "divergence": {"rule": "collapse", "step": 40},
                "best_metric": {"value": 0.94}, "counts": {"train": 1259}, "test": {"accuracy": 0.1},
-               "optimizer_steps": 60, "wall_time_s": 1.0}
-    metrics = [{"step": s, "val/accuracy": v, "wall_time_s": s / 100} for s, v in ((10, 0.1), (20, 0.94), (30, 0.1))]
-    row = study.row_from(summary, summary, "val/accuracy", "max", metrics)
-    assert row["status"] == "diverged" and row["divergence"]["rule"] == "collapse"
-    # a trainer that reports divergence itself is trusted
-    row = study.row_from({**summary, "divergence": None}, None, "val/accuracy", "max", metrics)
-    assert row["status"] == "completed"
+               "optimizer_steps": 40, "wall_time_s": 1.0, "eval_time_s": 0.25}
+    row = study.row_from(RunRecord.from_dict(summary), "val/accuracy", [])
+    assert (row["status"], row["divergence"]["rule"], row["reached_target"]) == ("diverged", "collapse", False)
+    assert row["steps_to_target"] is None and row["samples_to_target"] is None and row["test_metric"] == 0.1
+    row = study.row_from(RunRecord.from_dict({**summary, "status": "completed", "divergence": None}),
+                         "val/accuracy", [])
+    assert (row["status"], row["steps_to_target"], row["epochs_to_target"]) == ("completed", 20, 640 / 1259)
+    assert row["train_time_s"] == 0.75
 
 
 def test_a_runs_pace_is_timed_from_warm_steps_without_its_evaluations():
