@@ -112,3 +112,24 @@ def test_a_healthy_run_is_completed(digits, tmp_path):
     _, summary, run_dir = run_steps(config(train={"max_epochs": 3}), digits, tmp_path)
     assert (summary["status"], summary["divergence"]) == ("completed", None)
     assert summary["test"]["accuracy"] > 0.8 and (run_dir / train.MODEL_FILE).exists()
+
+
+def test_a_diverged_pipeline_run_exits_3_and_every_file_it_wrote_is_strict_json(tmp_path):
+    """Through submit and kfp's local runner: the task artifacts' metadata (protobuf JSON, which
+    refused NaN with a 75-line traceback) included."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pipelines.submit", f"output_dir={tmp_path}", "run_id=nan",
+                           "probe.enabled=false", "train.batch_size=32", "train.micro_batch_size=32",
+                           "train.lr=1e6", "train.max_epochs=2", "tracking.mode=disabled"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("diverged: non_finite at step ")
+    assert "Traceback" not in done.stdout + done.stderr
+    run_dir = tmp_path / "nan"
+    assert storage.read_json(run_dir / "summary.json")["status"] == "diverged"
+    assert not (run_dir / train.MODEL_FILE).exists()
+    assert every_json_file_is_strict(run_dir) >= 5  # summary, metrics, the kfp tasks' outputs
