@@ -24,12 +24,17 @@ def local_path(uri: str) -> Path:
     return Path(str(uri)[len("file://"):] if sep else uri)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600: outputs get the permissions open() gives
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)

@@ -1,0 +1,35 @@
+"""The storage layer: strict JSON, atomic writes with ordinary permissions."""
+
+import json
+import math
+import os
+import stat
+
+import pytest
+
+from components import storage
+
+
+def test_non_finite_values_become_null_with_the_reason_beside_them(tmp_path):
+    storage.write_json(tmp_path / "s.json", {"r2": math.nan, "loss": math.inf, "ok": 0.5, "rows": [1.0, -math.inf],
+                                             "nested": {"mse": math.nan}})
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"r2": None, "r2_note": "non-finite (nan)", "loss": None, "loss_note": "non-finite (inf)",
+                                "ok": 0.5, "rows": [1.0, None], "nested": {"mse": None, "mse_note": "non-finite (nan)"}}
+
+
+def test_a_written_file_has_the_permissions_a_plain_open_gives(tmp_path):
+    storage.write_json(tmp_path / "a.json", {})
+    with open(tmp_path / "b.json", "w") as f:
+        f.write("{}")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode)
+    assert mode & stat.S_IRGRP  # readable by the group under the usual umask (mkstemp alone gives 0600)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    storage.write_json(tmp_path / "s.json", {"v": 1})
+    with pytest.raises(TypeError):
+        storage.write_json(tmp_path / "s.json", {"v": object()})
+    assert storage.read_json(tmp_path / "s.json") == {"v": 1} and os.listdir(tmp_path) == ["s.json"]
