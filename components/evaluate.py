@@ -70,8 +70,7 @@ def main(argv=None) -> None:
     summary = run(load_config_file(args.config), args.dataset, args.model, storage.read_json(args.train_result),
                   args.run_dir, decision)
     if summary["status"] == "diverged":  # not a result: say so and exit non-zero
-        d = summary["divergence"]
-        print(f"evaluate: the run diverged: {d['detail']} (lr {d['lr']:.3g}); {d['advice']}", file=sys.stderr)
+        print(f"evaluate: {RunRecord.from_dict(summary).divergence_line()}", file=sys.stderr)
         raise SystemExit(3)
 
 

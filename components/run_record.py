@@ -65,6 +65,14 @@ class RunRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def divergence_line(self) -> str:
+        """One line for a diverged run: the rule, the step, the LR and what to try (tolerates a
+        record from a step that failed half-way)."""
+        d = self.divergence or {}
+        lr = d.get("lr")
+        return (f"diverged: {d.get('rule') or self.stop_reason or 'unknown rule'} at step {d.get('step', '?')} "
+                f"(lr {'?' if lr is None else format(lr, 'g')}): {d.get('advice') or 'lower train.lr'}")
+
     @property
     def reached_target(self) -> bool:
         return self.steps_to_target is not None

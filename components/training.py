@@ -142,9 +142,9 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
 
 def measuring_micro(shard: int, micro: int) -> Optional[int]:
     """The micro-batch of a noise-measuring step. With accumulation, the step's own; with one
-    micro-batch per step, the batch split into (nearly) two equal halves: the same update
-    (accumulation is exact), and the half-batch gradient is the small-batch norm B_simple needs.
-    None when the batch cannot be split into at most 4 equal parts."""
+    micro-batch per step, the batch split into two equal halves (or, for an odd batch, the fewest
+    equal parts, at most 4): the same update (accumulation is exact), and the first part's
+    gradient is the small-batch norm B_simple needs. None when no such split exists."""
     if micro < shard:
         return micro
     half = largest_divisor_at_most(shard, shard // 2) if shard > 1 else 0

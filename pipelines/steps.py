@@ -70,6 +70,7 @@ def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: 
 
     from components import evaluate, storage
     from components.errors import user_errors_as_one_line
+    from components.run_record import RunRecord
 
     with user_errors_as_one_line():
         summary = evaluate.run(json.loads(config_json), dataset.path, model.path, json.loads(train_result), run_dir,
@@ -78,8 +79,7 @@ def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: 
         if isinstance(value, (int, float)) and math.isfinite(value):  # protobuf JSON refuses NaN
             metrics.log_metric(f"test/{key}", value)
     if summary["status"] == "diverged":  # the run is not a result; the submitter exits non-zero
-        d = summary["divergence"]
-        print(f"evaluate: the run diverged ({d['rule']} at step {d['step']}, lr {d['lr']:.3g}): {d['advice']}")
+        print(f"evaluate: {RunRecord.from_dict(summary).divergence_line()}")
     return storage.dumps(summary)
 
 

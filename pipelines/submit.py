@@ -29,6 +29,7 @@ import yaml
 from components import storage
 from components.config import config_hash, parse_config
 from components.errors import ConfigError, DataError, UserInputError
+from components.run_record import RunRecord
 from components.study import RUNS_DIR, STUDY_FILE
 from pipelines import graph
 from pipelines.config import compose_config, config_groups
@@ -109,8 +110,6 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from components.run_record import RunRecord
-
     r = RunRecord.from_dict(summary)
 
     def fmt(value, digits=4):
@@ -158,13 +157,6 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"run directory: {run_dir}")  # plain prints: paths must not be wrapped
     if r.wandb_dir:
         print(f"W&B (offline): upload later with `wandb sync {r.wandb_dir}`")
-
-
-def divergence_line(summary: dict) -> str:
-    d = summary.get("divergence") or {}
-    lr = d.get("lr")
-    return (f"diverged: {d.get('rule') or summary.get('stop_reason') or 'unknown rule'} at step {d.get('step', '?')} "
-            f"(lr {'?' if lr is None else format(lr, 'g')}): {d.get('advice') or 'lower train.lr'}")
 
 
 def print_study(study: dict, study_dir: Path) -> None:
@@ -250,7 +242,7 @@ def _failed(config, run_dir, exc: PipelineFailed) -> int:
 
 def _diverged(summary: dict, run_dir: Path) -> int:
     print_summary(summary, run_dir)
-    print(divergence_line(summary), file=sys.stderr)
+    print(RunRecord.from_dict(summary).divergence_line(), file=sys.stderr)
     return EXIT_DIVERGED
 
 
