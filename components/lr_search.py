@@ -67,7 +67,7 @@ class Rules:
         """The rules for one batch size; `centre` (lr_centre) shifts the grid's multipliers."""
         s = cfg.study
         grid = tuple(sorted({canonical(m * centre) for m in s.lr_grid})) if s.lr_grid else (canonical(centre),)
-        first, confirm = cfg.train.seed + s.seeds, getattr(s, "confirm_seeds", 0)
+        first, confirm = cfg.train.seed + s.seeds, s.confirm_seeds
         return cls(grid=grid, seeds=tuple(range(cfg.train.seed, first)), mode=cfg.eval.mode,
                    searching=len(grid) > 1, extensions=s.lr_extensions, retries=s.divergence_retries,
                    cap=s.search_step_cap, evals_to_target=s.evals_to_target, precision=s.step_precision,

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from components import lr_search, storage
-from components.config import largest_divisor_at_most, load_config_file, parse_config
+from components.config import for_dataset, largest_divisor_at_most, load_config_file, parse_config
+from components.cpu import configure_threads
 from components.errors import DataError, UserInputError, exit_on_user_error
 from components.run_record import RunRecord
 from components.study_summary import resolved, summarize
@@ -35,18 +36,7 @@ SUFFIX = {lr_search.REMEASURE: "-fine", lr_search.LONGER: "-longer"}  # a repeat
 
 
 def _for_dataset(config: dict, manifest: Optional[dict]) -> dict:
-    from components import config as config_module
-
-    resolve = getattr(config_module, "for_dataset", None)  # engineer B's task inference, when present
-    return resolve(config, manifest) if resolve and manifest else config
-
-
-def _configure_threads(train_cfg) -> None:
-    try:
-        from components.cpu import configure_threads
-    except ImportError:  # older tree: torch's own default
-        return
-    configure_threads(train_cfg)
+    return for_dataset(config, manifest) if manifest else config
 
 
 # ---------------------------------------------------------------- plan
@@ -177,7 +167,7 @@ def run_one(entry: Dict, name: str, multiplier: float, seed: int, kind: str, eve
     base = {"name": name, "batch_size": entry["batch_size"], "lr_multiplier": multiplier, "seed": seed,
             "search": kind, "eval_every_steps": every, "step_cap": cap, "run_dir": f"{RUNS_DIR}/{name}",
             "monitor": cfg.eval.monitor, "mode": cfg.eval.mode}
-    _configure_threads(cfg.train)
+    configure_threads(cfg.train)
     try:
         outcome = train.run(config, dataset_path, str(run_dir / train.MODEL_FILE), str(run_dir), progress=False)
         # a diverged run without a finite evaluation has no model: evaluate says so in its summary

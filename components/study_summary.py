@@ -63,10 +63,10 @@ def probe_seconds_per_step(ladder: List[Dict], batch: int, micro: int, train_cfg
     plain = batch / throughput_at(ladder, micro)
     if not train_cfg.track_noise_scale or micro < batch:
         return plain  # with accumulation the measuring step is an ordinary one
-    split = getattr(training, "measuring_micro", lambda shard, m: None)(batch, micro)
+    split = training.measuring_micro(batch, micro)
     if not split or split >= micro:
         return plain
-    every = train_cfg.noise_scale_every_steps or getattr(training, "NOISE_EVERY_SPLIT", 16)
+    every = train_cfg.noise_scale_every_steps or training.NOISE_EVERY_SPLIT
     return plain + (batch / throughput_at(ladder, split) - plain) / every
 
 
