@@ -93,7 +93,12 @@ class TrainConfig:
     schedule: str = "constant"
     weight_decay: float = 0.0
     seed: int = 0
-    checkpoint_every_steps: Optional[int] = 200
+    # A checkpoint every N seconds of training and/or every N steps (whichever comes first), and
+    # always at the end and on Ctrl-C. By time, so a fast model does not spend its run writing
+    # checkpoints (every 200 steps was every 40 ms on the digits MLP, ~3% of its training time)
+    # and a slow one still loses at most a minute when its pod is preempted.
+    checkpoint_every_s: Optional[float] = 60.0
+    checkpoint_every_steps: Optional[int] = None
     device: str = "auto"
     # Track the gradient noise scale (gns/b_simple) from the accumulation micro-steps: two
     # gradient norms per measured step, no copies. Without accumulation a measured step runs its
@@ -365,6 +370,8 @@ def validate(cfg: Config) -> None:
         _check(cfg.probe.enabled, "train.batch_size", "with probe.enabled=false, train.batch_size and "
                f"train.micro_batch_size must be numbers; got {t.batch_size!r} and {t.micro_batch_size!r}")
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 or null; got {t.max_steps}")
+    _check(t.checkpoint_every_s is None or t.checkpoint_every_s > 0, "train.checkpoint_every_s",
+           f"must be > 0 or null; got {t.checkpoint_every_s}")
     _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
     _one_of(t.lr_scaling, LR_SCALINGS, "train.lr_scaling")
     _one_of(t.schedule, SCHEDULES, "train.schedule")

@@ -110,33 +110,56 @@ def load_torch(path: Path) -> Any:
 
 class JsonlWriter:
     """Append-only rows (metrics.jsonl). `offset()` and `truncate()` let a resumed run drop
-    the rows written after its last checkpoint, so no row is ever duplicated."""
+    the rows written after its last checkpoint, so no row is ever duplicated.
+
+    Rows reach the file in order on `flush()`, `offset()` and `close()` (or every PENDING_ROWS
+    rows). `write_later` keeps a row's values and formats it then: formatting inside a training
+    step cost several times what it costs in a batch afterwards (measured on the digits MLP: ~9 us
+    a row in the loop against ~1 us in a batch; the step's tensor work leaves the formatting code
+    cold in the CPU's caches)."""
+
+    PENDING_ROWS = 4096
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
+        self._pending = []  # (template, values) in write order
 
     def write(self, row: dict) -> None:
-        self._f.write(dumps(row) + "\n")
+        self.write_line(dumps(row) + "\n")
 
     def write_line(self, line: str) -> None:
         """A row the caller already formatted as one line of JSON (ending in a newline)."""
-        self._f.write(line)
+        self.write_later("%s", (line,))
+
+    def write_later(self, template: str, values: tuple) -> None:
+        """The row `template % values` (one line of JSON ending in a newline), formatted when
+        the rows are next written out."""
+        self._pending.append((template, values))
+        if len(self._pending) >= self.PENDING_ROWS:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            self._f.write("".join([template % values for template, values in self._pending]))
+            self._pending.clear()
 
     def flush(self) -> None:
+        self._write_pending()
         self._f.flush()
 
     def offset(self) -> int:
-        self._f.flush()
+        self.flush()
         return self._f.tell()
 
     def truncate(self, offset: int) -> None:
-        self._f.flush()
+        self.flush()
         self._f.truncate(offset)
         self._f.seek(offset)
 
     def close(self) -> None:
+        self._write_pending()
         self._f.close()
 
 

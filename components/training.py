@@ -131,7 +131,7 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
         mb = indices[m:m + micro] if count > 1 else indices
         loss = loss_fn(model(x[mb]), y[mb])
         (loss / count if count > 1 else loss).backward()
-        losses.append(loss.detach())
+        losses.append(loss)  # read with .item(): no detach needed (it cost ~1% of the loop)
         if noise is not None and first_norms is None:
             first_norms = noise_scale.grad_norms(params)
     if noise is not None:
@@ -362,7 +362,6 @@ class Trainer:
         out = self.row(values)
         if self.log:
             self.log.write(out)
-            self.log.flush()
         if self.tracker:  # one W&B call per evaluation, carrying the train loss since the last one
             self.tracker.log(tracking.eval_row(out, self.loss_since_eval, s.optimizer.param_groups[0]["lr"]))
         self.loss_since_eval.clear()
@@ -402,7 +401,7 @@ class Trainer:
     def _loop(self, bar) -> None:
         s, plan, t, log = self.state, self.plan, self.cfg.train, self.log
         stopper, optimizer, shard, rank = s.stopper, s.optimizer, self.shard, self.rank
-        last_flush = time.perf_counter()
+        last_flush = last_checkpoint = time.perf_counter()
         last_eval_step = s.step
         while not stopper.should_stop and s.step < plan.max_steps:
             epoch, first_window = divmod(s.step, plan.steps_per_epoch)
@@ -421,8 +420,10 @@ class Trainer:
                 s.step += 1
                 step = s.step
 
-                # one host sync per step (per-step Python and tensor ops show up in the loop's cost)
-                self.train_loss = train_loss = (torch.stack(losses).mean() if len(losses) > 1 else losses[0]).item()
+                # The mean micro-batch loss, read one by one: on CPU cheaper than stacking them (two more
+                # ops a step cost 2.7% of the loop at 32 x 4); on a GPU the first .item() waits for the
+                # step and the others copy one number each.
+                self.train_loss = train_loss = sum([loss.item() for loss in losses]) / len(losses)
                 self.loss_since_eval.append(train_loss)
                 if s.first_loss is None:
                     s.first_loss = train_loss
@@ -430,7 +431,7 @@ class Trainer:
                 # a dict only for W&B following live or a non-finite loss; otherwise the fast row
                 out = self.row({"train/loss": train_loss, "lr": lr}) if self.tracker or not finite else None
                 if log and out is None:
-                    log.write_line(STEP_ROW % (step, step * plan.effective_batch_size, step / plan.steps_per_epoch,
+                    log.write_later(STEP_ROW, (step, step * plan.effective_batch_size, step / plan.steps_per_epoch,
                                                self.elapsed(), train_loss, lr))
                 elif log:
                     log.write(out)
@@ -445,13 +446,16 @@ class Trainer:
                 if step % plan.eval_every_steps == 0 or step == plan.max_steps:
                     self.evaluate(bar)
                     last_eval_step = step
-                if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                now = time.perf_counter()
+                if ((t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
+                        or (t.checkpoint_every_s and now - last_checkpoint >= t.checkpoint_every_s)):
                     self.save_checkpoint()
+                    last_checkpoint = now
                 if stopper.should_stop or step >= plan.max_steps:
                     break
-                if log and time.perf_counter() - last_flush > 0.5:  # keeps progress readers current
+                if log and now - last_flush > 0.5:  # keeps progress readers current
                     log.flush()
-                    last_flush = time.perf_counter()
+                    last_flush = now
         if last_eval_step != s.step and stopper.stop_reason != early_stopping.NON_FINITE:
             self.evaluate(bar)  # the last steps count toward the best weights too
 
