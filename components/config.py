@@ -207,6 +207,19 @@ class PlatformConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Where `output_dir=s3://bucket/prefix` goes (components/run_store.py, components/s3.py).
+    Credentials are not here: they come from the standard AWS chain (env, ~/.aws, instance role)."""
+
+    endpoint_url: Optional[str] = None  # null: AWS itself; MinIO or moto: http://host:port
+    region: Optional[str] = None  # null: the AWS chain's (AWS_DEFAULT_REGION, ~/.aws/config)
+    multipart_threshold_mb: int = 64  # files from this size upload in parts of this size (S3's minimum: 5)
+    max_attempts: int = 5  # per request, the first included; botocore's "standard" retry mode backs off between
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -216,6 +229,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     pipeline: str = "train"  # train: one run; study: compare batch sizes (conf/pipeline/)
     output_dir: str = "runs"
     run_id: Optional[str] = None
@@ -435,6 +449,14 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.platform.name, PLATFORMS, "platform.name")
     _check(cfg.platform.gpu.count >= 0, "platform.gpu.count", f"must be >= 0; got {cfg.platform.gpu.count}")
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    st = cfg.storage
+    _check(st.endpoint_url is None or st.endpoint_url.startswith(("http://", "https://")), "storage.endpoint_url",
+           f"must start with http:// or https:// (or be null for AWS); got {st.endpoint_url!r}")
+    _check(st.multipart_threshold_mb >= 5, "storage.multipart_threshold_mb",
+           f"must be >= 5 (S3's smallest part is 5 MiB); got {st.multipart_threshold_mb}")
+    _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1; got {st.max_attempts}")
+    for key in ("connect_timeout_s", "read_timeout_s"):
+        _check(getattr(st, key) > 0, f"storage.{key}", f"must be > 0; got {getattr(st, key)}")
     if cfg.run_id is not None:
         _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
@@ -451,7 +473,7 @@ def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
 
 
 # Keys that change where or how a run is recorded, not what it computes.
-_NOT_HASHED = ("run_id", "output_dir", "tracking", "platform")
+_NOT_HASHED = ("run_id", "output_dir", "tracking", "platform", "storage")
 
 
 def config_hash(cfg: Config) -> str:

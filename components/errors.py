@@ -17,6 +17,10 @@ class DataError(UserInputError):
     pass
 
 
+class StorageError(UserInputError):
+    """A run's durable storage refused or failed (missing bucket, credentials, endpoint, checksum)."""
+
+
 # Printed by a failing step so that whoever ran it (a shell, kfp's local runner, a pod log)
 # can pick the one-line reason out of the log.
 ERROR_MARKER = "convergence-pipeline error:"

@@ -4,6 +4,7 @@ Writes are atomic (temp file + rename): a crash never leaves a half-written chec
 summary or dataset behind.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_temp_file(name: str) -> bool:
+    """A file `atomic_file` is still writing (its temp name), not an output."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:
