@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench setup data clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The example data (data/, tracked by data.dvc): pulled from the DVC remote when one is configured,
+# else generated; verified against data.dvc's md5 either way. The default run reads it through DVC.
+data: $(STAMP)
+	$(PY) -m components.example_data
+
 # Extra Hydra overrides: make run ARGS="train.batch_size=64 eval.target=0.95"
-run: $(STAMP)
+run: data
 	$(PY) -m pipelines.submit $(ARGS)
 
-test: $(STAMP)
+test: data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

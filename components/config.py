@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from components.errors import ConfigError
 
-DATA_NAMES = ("digits", "synthetic", "file")
+DATA_NAMES = ("digits", "synthetic", "file", "dvc")
 DATA_FORMATS = ("csv", "parquet", "npz")
 TASKS = ("classification", "regression")
 MODEL_NAMES = ("mlp", "cnn")
@@ -46,12 +46,24 @@ MODE_OF = {"val/loss": "min", "val/mse": "min", "val/mae": "min",
 @dataclass
 class DataConfig:
     name: str = "digits"
+    # file: a local path or s3://bucket/key; dvc: a path inside data.repo
     path: Optional[str] = None
     format: Optional[str] = None  # inferred from the path's suffix when null
     target: str = "target"
     # null: inferred from the target at data_prep (components/datasets.py: infer_task); digits and
     # synthetic data are classification unless synthetic says task=regression
     task: Optional[str] = None
+    # each example's features reshaped to this (e.g. [1, 8, 8]: 64 pixel columns as an 8x8 image for
+    # model=cnn); null: as stored
+    input_shape: Optional[List[int]] = None
+    # dvc only (components/dvc_source.py)
+    repo: Optional[str] = None  # a local path or a git URL; null: this project's checkout
+    rev: Optional[str] = None  # a branch, tag or commit; null: the repo's HEAD
+    remote: Optional[str] = None  # the DVC remote to read from when the cache lacks the data; null: the default
+    # The data's version (a DVC md5, a file's sha256, an S3 VersionId or ETag; for digits and synthetic a
+    # hash of the dataset), resolved before data_prep (components/data_sources.py) and set here by every
+    # step from the dataset's manifest. Set it yourself to refuse any other data.
+    version: Optional[str] = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -320,6 +332,12 @@ def for_dataset(raw: dict, manifest: dict) -> dict:
         hint = " (or set data.task)" if manifest.get("task_inferred") else ""
         raise ConfigError(f"eval.monitor: {monitor} is not computed for {task} ({how}); use one of "
                           f"{', '.join(VAL_METRICS[task])}{hint}")
+    version = manifest.get("data_version")
+    if version is not None:
+        if data.get("version") not in (None, version):
+            raise ConfigError(f"data.version: the config says {data['version']} but the dataset is {version} "
+                              f"({manifest.get('origin')})")
+        data["version"] = version
     data["task"] = task
     ev.update(monitor=monitor, mode=ev.get("mode") or MODE_OF[monitor])
     return {**raw, "data": data, "eval": ev}
@@ -342,8 +360,13 @@ def validate(cfg: Config) -> None:
         _one_of(d.task, TASKS, "data.task")
     if d.format is not None:
         _one_of(d.format, DATA_FORMATS, "data.format")
-    if d.name == "file":
-        _check(bool(d.path), "data.path", "required when data.name=file")
+    if d.name in ("file", "dvc"):
+        _check(bool(d.path), "data.path", f"required when data.name={d.name}")
+    if d.name == "dvc":
+        _check(not d.path.startswith("/") and "://" not in d.path, "data.path",
+               f"with data.name=dvc, a path inside data.repo (e.g. data/train.csv); got {d.path!r}")
+    _check(d.input_shape is None or (len(d.input_shape) > 0 and all(s > 0 for s in d.input_shape)),
+           "data.input_shape", f"must be positive sizes or null; got {d.input_shape}")
     if d.name == "digits":
         _check(d.task in (None, "classification"), "data.task", "digits is a classification dataset")
     for key, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
@@ -476,9 +499,17 @@ def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
 _NOT_HASHED = ("run_id", "output_dir", "tracking", "platform", "storage")
 
 
+# Where the data comes from: absolute paths of this machine, a branch that moves. Once the data's
+# version is known (data.version: every step after data_prep) it stands for them.
+_DATA_LOCATION = ("path", "repo", "rev", "remote")
+
+
 def config_hash(cfg: Config) -> str:
-    """Identity of what a run computes: same hash, same training (on the same data)."""
+    """Identity of what a run computes: same hash, same training. With data.version set, the same
+    data and config hash the same from any checkout, machine or output_dir."""
     content = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    if cfg.data.version is not None:
+        content["data"] = {k: v for k, v in content["data"].items() if k not in _DATA_LOCATION}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,15 +1,20 @@
 """Step 1: data_prep. Loads, checks, splits and normalizes the data; writes the dataset
 artifact. Bad data stops here with one line, and nothing is written.
 
-    python -m components.data_prep --config config.yaml --out dataset/
+    python -m components.data_prep --config config.yaml --out dataset/ [--resolved source.json]
+
+The data's version is resolved before this step (components/data_sources.py: the pipeline's
+resolve_data step, or here when run alone); what is read is checked against it.
 """
 
 import argparse
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from components import datasets, models
+from components import data_sources, datasets, models, storage
 from components.config import AUTO, Config, for_dataset, load_config_file, parse_config
 from components.errors import ConfigError, exit_on_user_error
 
@@ -27,9 +32,13 @@ def check_batch_fits(cfg: Config, n_train: int) -> None:
                           f"({n_train} examples); use at most {n_train}, or train.batch_size=auto")
 
 
-def run(config: dict, out: str) -> dict:
+def run(config: dict, out: str, resolved: Optional[dict] = None) -> dict:
+    """`resolved`: the data source and version from data_sources.resolve (resolved now when None)."""
     cfg = parse_config(config)
-    dataset = datasets.build(cfg.data)
+    resolved = resolved or data_sources.resolve(config)
+    with tempfile.TemporaryDirectory(prefix="data_prep-") as scratch:  # this step's own copy of the data
+        local_file = data_sources.fetch(config, resolved, Path(scratch))
+        dataset = datasets.build(cfg.data, resolved, local_file)
     m = dataset.manifest
     # The task is known now: monitor and mode follow it, and an explicit one must fit it.
     cfg = parse_config(for_dataset(config, m))
@@ -57,8 +66,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="resolved config (YAML or JSON)")
     parser.add_argument("--out", required=True, help="dataset artifact directory to write")
+    parser.add_argument("--resolved", help="the resolved data source (JSON, from components.data_sources); "
+                                           "default: resolved now")
     args = parser.parse_args(argv)
-    run(load_config_file(args.config), args.out)
+    run(load_config_file(args.config), args.out, storage.read_json(args.resolved) if args.resolved else None)
 
 
 if __name__ == "__main__":

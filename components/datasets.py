@@ -3,8 +3,10 @@
 The artifact is a directory holding `arrays.npz` (normalized features and encoded targets
 per split; a regression target standardized by its train-split mean and std) and
 `manifest.json` (schema, task and whether it was inferred, counts, class balance,
-normalization statistics, `target_scale` and `data_version`, a hash of the content). Every
-later step reads only this artifact.
+normalization statistics, `target_scale`, `source`: where the data came from as
+components/data_sources.py resolved it, and `data_version`: the source's version, a DVC md5, a
+file's sha256 or an S3 VersionId/ETag, or for generated data a hash of the content). Every later
+step reads only this artifact.
 """
 
 import hashlib
@@ -15,7 +17,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from components import storage
+from components import data_sources, storage
 from components.config import DATA_FORMATS, DataConfig, known_task
 from components.errors import DataError
 
@@ -67,7 +69,15 @@ class Dataset:
 
 # ---------------------------------------------------------------- sources
 
-def load_source(cfg: DataConfig) -> Source:
+def load_source(cfg: DataConfig, local_file: Optional[Path] = None, origin: Optional[str] = None) -> Source:
+    """`local_file`: data_prep's checked copy of a file from DVC or S3 (cfg.path names it there)."""
+    source = _load_source(cfg, local_file, origin)
+    if cfg.input_shape:
+        source.x = _reshape(source, cfg.input_shape)
+    return source
+
+
+def _load_source(cfg: DataConfig, local_file: Optional[Path], origin: Optional[str]) -> Source:
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
 
@@ -75,7 +85,15 @@ def load_source(cfg: DataConfig) -> Source:
         return Source(digits.images[:, None, :, :].astype(np.float32), digits.target, "sklearn.datasets.load_digits")
     if cfg.name == "synthetic":
         return synthetic(cfg)
-    return load_file(cfg)
+    return load_file(cfg, local_file, origin)
+
+
+def _reshape(source: Source, shape: List[int]) -> np.ndarray:
+    per_example = int(np.prod(source.x.shape[1:]))
+    if per_example != int(np.prod(shape)):
+        raise DataError(f"data.input_shape: {list(shape)} holds {int(np.prod(shape))} values per example, but "
+                        f"{source.origin} has {per_example}")
+    return source.x.reshape(len(source.x), *shape)
 
 
 def synthetic(cfg: DataConfig) -> Source:
@@ -106,13 +124,13 @@ def infer_format(cfg: DataConfig) -> str:
     return fmt
 
 
-def load_file(cfg: DataConfig) -> Source:
-    path = Path(cfg.path)
+def load_file(cfg: DataConfig, local_file: Optional[Path] = None, origin: Optional[str] = None) -> Source:
+    path = Path(local_file or cfg.path)
     if not path.is_file():
         raise DataError(f"data.path: no such file: {cfg.path}")
     fmt = infer_format(cfg)
     if fmt == "npz":
-        return _load_npz(path, cfg.target, "data.format=npz" if cfg.format else "from its suffix")
+        return _load_npz(path, cfg.target, "data.format=npz" if cfg.format else "from its suffix", origin)
     import pandas as pd
 
     try:
@@ -140,7 +158,7 @@ def load_file(cfg: DataConfig) -> Source:
         raise DataError(f"data.path: non-numeric feature columns in {path.name}: {', '.join(non_numeric[:10])} "
                         "(encode them as numbers first)")
     y = frame[cfg.target].to_numpy()
-    return Source(features.to_numpy(dtype=np.float32), y, str(path), [str(c) for c in features.columns])
+    return Source(features.to_numpy(dtype=np.float32), y, origin or str(path), [str(c) for c in features.columns])
 
 
 def _first_line(exc: BaseException) -> str:
@@ -156,7 +174,7 @@ def _csv_header(path: Path) -> List[str]:
         return next(csv.reader(f), [])
 
 
-def _load_npz(path: Path, target: str, why_npz: str) -> Source:
+def _load_npz(path: Path, target: str, why_npz: str, origin: Optional[str] = None) -> Source:
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as exc:  # a CSV, a pickle, a damaged zip: name the file and the format
@@ -184,7 +202,7 @@ def _load_npz(path: Path, target: str, why_npz: str) -> Source:
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"data.path: {path.name} needs X of shape (n, ...) and {target!r} of shape (n,); "
                         f"got {x.shape} and {y.shape}")
-    return Source(x.astype(np.float32), y, str(path))
+    return Source(x.astype(np.float32), y, origin or str(path))
 
 
 # ---------------------------------------------------------------- task, checks, split, normalize
@@ -267,11 +285,18 @@ def split_indices(y: np.ndarray, task: str, val_fraction: float, test_fraction: 
     return out
 
 
-def build(cfg: DataConfig) -> Dataset:
+def build(cfg: DataConfig, resolved: Optional[dict] = None, local_file: Optional[Path] = None) -> Dataset:
     """Load, check, split and normalize (statistics from the train split only). A regression
     target is standardized too, so the default LR trains whatever its units (a target of
-    25-346 made the loss go 19,730 -> inf in 5 steps); metrics report it back in its units."""
-    return build_from(load_source(cfg), cfg)
+    25-346 made the loss go 19,730 -> inf in 5 steps); metrics report it back in its units.
+    `resolved` (components/data_sources.py) names the source and its version; `local_file` is
+    data_prep's checked copy of it."""
+    origin = data_sources.describe(resolved) if resolved and resolved["kind"] in ("dvc", "s3") else None
+    dataset = build_from(load_source(cfg, local_file, origin), cfg)
+    if resolved:
+        dataset.manifest["source"] = resolved
+        dataset.manifest["data_version"] = resolved["version"] or dataset.manifest["data_version"]
+    return dataset
 
 
 def build_from(source: Source, cfg: DataConfig) -> Dataset:

@@ -44,11 +44,11 @@ def run(config: dict, dataset_path: str, model_path: str, train_result: dict, ru
 
     record = RunRecord.from_training(r, cfg.run_id, cfg.train.optimizer, cfg.eval.target, data.manifest, test,
                                      probe_decision)
-    summary = record.to_dict()
+    summary = {**record.to_dict(), "lineage": r["lineage"]}  # train's (components/lineage.py), as in model.pt
     storage.write_json(run_dir / "summary.json", summary)
 
     tracker = Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "evaluate",
-                      {**config, "data_version": data.data_version})
+                      {**config, "data_version": data.data_version, "lineage": r["lineage"]})
     tracker.summarize({k: v for k, v in test.items() if k != "test/confusion_matrix"} | {"status": r["status"]})
     tracker.finish(failed=r["status"] != "completed")
     return summary

@@ -37,7 +37,7 @@ def digits_csv() -> bytes:
 
 def _output(repo):
     """data.dvc's one output (data/)."""
-    (stage,) = repo.stage.collect(DVC_FILE)
+    (stage,) = repo.stage.collect(str(Path(repo.root_dir) / DVC_FILE))  # absolute: DVC reads targets from the cwd
     (out,) = stage.outs
     return out
 
@@ -49,7 +49,7 @@ def _default_remote(repo):
 def _pull(repo, remote: str) -> str:
     """Pull data/ from the default remote; a note on failure (the data can still be generated)."""
     try:
-        repo.pull(targets=[DVC_FILE])
+        repo.pull(targets=[str(Path(repo.root_dir) / DVC_FILE)])
         return f"pulled from DVC remote {remote!r}"
     except Exception as exc:  # noqa: BLE001 - any remote failure: fall back to generating it
         reason = " ".join(str(exc).split()) or type(exc).__name__

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from components import datasets, models, storage, tracking, training
+from components import datasets, lineage, models, storage, tracking, training
 from components.config import config_hash, for_dataset, load_config_file, parse_config
 from components.cpu import configure_threads
 from components.errors import exit_on_user_error
@@ -33,10 +33,12 @@ def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress:
     run_dir = storage.local_path(run_dir)
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, data.input_shape, data.output_dim)
+    run_lineage = lineage.collect(cfg, data.manifest)  # W&B config, model.pt and (via evaluate) summary.json
 
     def start_tracker() -> Tracker:
         return Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "train",
-                       {**config, "data_version": data.data_version, "config_hash": config_hash(cfg)})
+                       {**config, "data_version": data.data_version, "config_hash": config_hash(cfg),
+                        "lineage": run_lineage})
 
     def tracker_after_training() -> Tracker:
         # Offline (and disabled) the W&B run starts after training and gets metrics.jsonl
@@ -65,9 +67,9 @@ def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress:
         "stop_reason": result.stop_reason, "optimizer_steps": result.optimizer_steps})
     tracker = tracker or tracker_after_training()
     outcome = {**result.to_dict(), "data_version": data.data_version, "config_hash": config_hash(cfg),
-               "wandb_dir": tracker.offline_dir, "task": data.task,
+               "wandb_dir": tracker.offline_dir, "task": data.task, "lineage": run_lineage,
                "model_file": str(run_dir / MODEL_FILE) if result.best_metric["value"] is not None else None}
-    tracker.summarize({k: v for k, v in outcome.items() if k not in ("best_metric", "divergence")}
+    tracker.summarize({k: v for k, v in outcome.items() if k not in ("best_metric", "divergence", "lineage")}
                       | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
     tracker.finish(failed=result.status != "completed")
 
@@ -75,7 +77,7 @@ def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress:
         print(f"train: no model saved: {result.divergence['detail']}", flush=True)
         return outcome
     checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": config,
-                  "data_version": data.data_version, "config_hash": config_hash(cfg),
+                  "data_version": data.data_version, "config_hash": config_hash(cfg), "lineage": run_lineage,
                   "input_shape": list(data.input_shape), "output_dim": data.output_dim,
                   "best_metric": result.best_metric, "status": result.status,
                   # what a prediction needs to go from raw features to the target's own units

@@ -1,7 +1,7 @@
 """The pipeline graphs, built in one place.
 
-train: data_prep -> probe -> train -> evaluate
-study: data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
+train: resolve_data -> data_prep -> probe -> train -> evaluate
+study: resolve_data -> data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
 """
 
 from kfp import dsl
@@ -28,6 +28,14 @@ def _gpu_request(config: dict):
     return on_gpu
 
 
+def _prepare_data(steps, config_json):
+    """resolve_data -> data_prep. The data's version is resolved on every run (never cached) and is
+    an input of data_prep, so data_prep's cache key changes with the data, not only with the config."""
+    resolved = steps.resolve_data(config_json=config_json)
+    resolved.set_caching_options(False)
+    return steps.data_prep(config_json=config_json, data_source=resolved.output)
+
+
 def _probe(steps, on_gpu, config_json, run_dir, prep):
     probe = on_gpu(steps.probe(config_json=config_json, run_dir=run_dir, dataset=prep.outputs["dataset"]))
     probe.set_caching_options(False)  # measures this hardware now
@@ -46,7 +54,7 @@ def train_pipeline(config: dict):
     @dsl.pipeline(name=TRAIN_PIPELINE, description="data_prep -> probe -> train -> evaluate: the batch that fits "
                   "and is worth it, gradient accumulation, early stopping")
     def pipeline(config_json: str, run_dir: str):
-        prep = steps.data_prep(config_json=config_json)
+        prep = _prepare_data(steps, config_json)
         if probe_enabled:
             probe = _probe(steps, on_gpu, config_json, run_dir, prep)
             batch, micro, decision = (probe.outputs[k] for k in ("batch_size", "micro_batch_size", "decision"))
@@ -75,7 +83,7 @@ def study_pipeline(config: dict):
     @dsl.pipeline(name=STUDY_PIPELINE, description="steps, samples and time to target across batch sizes; "
                   "the critical batch size; a report")
     def pipeline(config_json: str, run_dir: str):
-        prep = steps.data_prep(config_json=config_json)
+        prep = _prepare_data(steps, config_json)
         decision = _probe(steps, on_gpu, config_json, run_dir, prep).outputs["decision"] if probe_enabled else ""
         plan = steps.study_plan(config_json=config_json, probe_decision=decision, dataset=prep.outputs["dataset"])
         with dsl.ParallelFor(items=plan.output, parallelism=config["study"]["parallelism"]) as run:

@@ -10,14 +10,28 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def data_prep(config_json: str, dataset: Output[Dataset]):
+def resolve_data(config_json: str) -> str:
+    """The data's source and version (a DVC md5, a sha256, an S3 version), resolved on every run."""
+    import json
+
+    from components import data_sources
+    from components.errors import user_errors_as_one_line
+
+    with user_errors_as_one_line():
+        resolved = data_sources.resolve(json.loads(config_json))
+    print(f"resolve_data: {data_sources.describe(resolved)}: version {resolved['version']}", flush=True)
+    return json.dumps(resolved)
+
+
+def data_prep(config_json: str, data_source: str, dataset: Output[Dataset]):
+    """`data_source` (from resolve_data) is part of this step's cache key: new data, new dataset."""
     import json
 
     from components import data_prep
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        manifest = data_prep.run(json.loads(config_json), dataset.path)
+        manifest = data_prep.run(json.loads(config_json), dataset.path, json.loads(data_source))
     dataset.metadata.update({"data_version": manifest["data_version"], "counts": manifest["counts"],
                              "task": manifest["task"]})
 
@@ -130,6 +144,7 @@ def make_steps(image: str) -> SimpleNamespace:
     """The steps as KFP components running in `image`. The image already holds kfp and
     this project, so nothing is pip-installed when a pod starts."""
     component = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
-    return SimpleNamespace(data_prep=component(data_prep), probe=component(probe), train=component(train),
+    return SimpleNamespace(resolve_data=component(resolve_data), data_prep=component(data_prep),
+                           probe=component(probe), train=component(train),
                            evaluate=component(evaluate), study_plan=component(study_plan),
                            study_run=component(study_run), study_report=component(study_report))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from components import storage
+from components import dvc_source, storage
 from components.config import config_hash, parse_config
 from components.errors import ConfigError, DataError, UserInputError
 from components.run_record import RunRecord
@@ -51,10 +51,15 @@ def prepare(overrides) -> tuple:
     config = compose_config(overrides)
     config["run_id"] = config["run_id"] or new_run_id()
     config["output_dir"] = str(storage.local_path(config["output_dir"]).resolve())
-    if config["data"]["path"] and "://" not in config["data"]["path"]:
-        config["data"]["path"] = str(Path(config["data"]["path"]).resolve())
-        if not Path(config["data"]["path"]).is_file():  # fail before a run directory exists
-            raise DataError(f"data.path: no such file: {config['data']['path']}")
+    data = config["data"]
+    if data["name"] == "file" and "://" not in data["path"]:  # s3:// is resolved at run time
+        data["path"] = str(Path(data["path"]).resolve())
+        if not Path(data["path"]).is_file():  # fail before a run directory exists
+            raise DataError(f"data.path: no such file: {data['path']}")
+    if data["name"] == "dvc":  # data.path is inside the repo; null repo: this project's checkout
+        data["repo"] = dvc_source.absolute_repo(data["repo"])
+        if not dvc_source.is_url(data["repo"]):  # its rev, path and remote checked now (~30 ms); the
+            dvc_source.resolve(data, config.get("storage") or {})  # version is resolved when the run starts
     return config, Path(config["output_dir"]) / config["run_id"]
 
 

@@ -11,6 +11,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # a step went from ~0.7 ms to over 100 ms while another process kept one core busy).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# dvc binds its log handlers to sys.stdout and sys.stderr when first imported: import it here, under
+# pytest's session-wide capture, not inside a test whose captured streams are closed after it.
+import dvc  # noqa: E402,F401
+
 from components import datasets  # noqa: E402
 from components.config import Config, parse_config  # noqa: E402
 

@@ -61,7 +61,7 @@ def test_help_lists_every_config_group_and_its_options(capsys):
         line = next(line for line in out.splitlines() if line.split()[:1] == [group])
         assert sorted(o.rstrip("*,") for o in line.split()[1:] if o != "(optional)") == \
             sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-    assert re.search(r"^\s+data\s+digits\*, file, synthetic$", out, re.M)
+    assert re.search(r"^\s+data\s+digits, dvc, example\*, file, synthetic$", out, re.M)
     assert re.search(r"^\s+experiment\s+.*\(optional\)$", out, re.M)
 
 
@@ -80,9 +80,12 @@ def test_hydra_settings_are_refused_in_one_line(tmp_path, capsys, override, inst
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.path=x.csv"], "data.path: only used with data=file; did you mean data=file?"),
-    (["data.target=label"], "data.target: only used with data=file; did you mean data=file?"),
-    (["data=synthetic", "data.format=csv"], "data.format: only used with data=file; did you mean data=file?"),
+    (["data=digits", "data.path=x.csv"],
+     "data.path: only used with data=dvc or data=example or data=file; did you mean data=dvc?"),
+    (["data=synthetic", "data.target=label"],
+     "data.target: only used with data=dvc or data=example or data=file; did you mean data=dvc?"),
+    (["data=synthetic", "data.format=csv"],
+     "data.format: only used with data=dvc or data=example or data=file; did you mean data=dvc?"),
     (["data.n_classes=3"], "data.n_classes: only used with data=synthetic; did you mean data=synthetic?"),
     (["model=cnn", "model.hidden_sizes=[8]"], "model.hidden_sizes: only used with model=mlp; did you mean model=mlp?"),
 ])

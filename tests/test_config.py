@@ -14,7 +14,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 def test_defaults_compose_to_the_documented_pipeline():
     cfg = compose_config([])
-    assert cfg["data"]["name"] == "digits"
+    assert (cfg["data"]["name"], cfg["data"]["path"]) == ("dvc", "data/digits.csv")  # the example data, through DVC
     assert cfg["model"]["name"] == "mlp"
     assert cfg["train"]["batch_size"] == "auto" and cfg["train"]["micro_batch_size"] == "auto"
     assert cfg["probe"]["enabled"] is True
@@ -44,7 +44,7 @@ def test_every_experiment_composes(name):
     (["train.lr=abc"], "train.lr: Value 'abc'"),
     (["train.bacth_size=64"], "train.bacth_size: unknown key (did you mean 'batch_size'?)"),
     (["+nonsense=1"], "nonsense: unknown key"),
-    (["data=nope"], "data: no config named 'nope' (available: digits, file, synthetic)"),
+    (["data=nope"], "data: no config named 'nope' (available: digits, dvc, example, file, synthetic)"),
     (["data=file"], "data.path: required"),
     (["train.lr=-1"], "train.lr: must be > 0"),
     (["train.batch_size=0"], "train.batch_size: must be a positive integer or 'auto'; got 0"),
@@ -66,7 +66,7 @@ def test_every_experiment_composes(name):
     (["train.max_steps=abc"], "train.max_steps: Value 'abc'"),
     (["data.val_fraction=0"], "data.val_fraction: must be in (0, 1)"),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data.val_fraction: val_fraction + test_fraction"),
-    (["data.task=regression"], "data.task: digits is a classification dataset"),
+    (["data=digits", "data.task=regression"], "data.task: digits is a classification dataset"),
     (["data=synthetic", "data.task=regression", "eval.monitor=val/accuracy"],
      "eval.monitor: must be one of val/loss, val/mse, val/mae, val/r2; got 'val/accuracy'"),
     (["eval.mode=up"], "eval.mode: must be one of max, min"),

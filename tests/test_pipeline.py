@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from components import storage
+from components.example_data import PROJECT_ROOT
 from pipelines import submit
 
 SUMMARY_FIELDS = {
@@ -25,7 +26,11 @@ def compiled(tmp_path, *overrides):
 def test_compiled_pipeline_has_the_four_steps_in_order(tmp_path):
     spec = compiled(tmp_path, "platform.image=reg/img:1")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"data-prep", "probe", "train", "evaluate"}
+    assert set(tasks) == {"resolve-data", "data-prep", "probe", "train", "evaluate"}
+    # the data version, resolved on every run, is an input of data_prep: part of its cache key
+    assert tasks["data-prep"]["inputs"]["parameters"]["data_source"]["taskOutputParameter"] == \
+        {"outputParameterKey": "Output", "producerTask": "resolve-data"}
+    assert not tasks["resolve-data"]["cachingOptions"].get("enableCache", False)
     assert tasks["probe"]["dependentTasks"] == ["data-prep"]
     assert sorted(tasks["train"]["dependentTasks"]) == ["data-prep", "probe"]
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["data-prep", "probe", "train"]
@@ -56,7 +61,7 @@ def test_gpu_steps_request_accelerators_from_config(tmp_path):
 def test_without_the_probe_the_config_numbers_feed_train(tmp_path):
     spec = compiled(tmp_path, "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=16")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"data-prep", "train", "evaluate"}
+    assert set(tasks) == {"resolve-data", "data-prep", "train", "evaluate"}
     params = tasks["train"]["inputs"]["parameters"]
     assert (params["batch_size"]["runtimeValue"]["constant"], params["micro_batch_size"]["runtimeValue"]["constant"]) \
         == (64, 16)
@@ -94,10 +99,12 @@ def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert best["step"] == summary["best_metric"]["step"]
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["run_id"] == "default" and config["data"]["name"] == "digits"
+    assert config["run_id"] == "default" and config["data"]["name"] == "dvc"  # the example data through DVC
+    assert summary["data_version"] == yaml.safe_load((PROJECT_ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert "convergence-train" in (run_dir / "pipeline.yaml").read_text()
     model = storage.load_torch(run_dir / "model.pt")
     assert model["data_version"] == summary["data_version"] and model["config"]["run_id"] == "default"
+    assert model["lineage"] == summary["lineage"] and summary["lineage"]["data"]["version"] == summary["data_version"]
     assert list((run_dir / "kfp").rglob("manifest.json"))  # task artifacts stay inside the run
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "probe", "train"]

@@ -15,7 +15,7 @@ import torch
 from sklearn import metrics as skm
 from sklearn.datasets import load_diabetes
 
-from components import data_prep, datasets, evaluate, metrics, storage, train
+from components import data_prep, data_sources, datasets, evaluate, metrics, storage, train
 from components.config import for_dataset, parse_config
 from components.errors import ConfigError, DataError
 from conftest import config
@@ -63,8 +63,9 @@ def test_unscaled_diabetes_trains_with_the_defaults_through_the_pipeline(tmp_pat
     assert "task regression, inferred from the target 'target'" in (run_dir / "pipeline.log").read_text()
 
     # test metrics are in the target's units, and so are the saved model's predictions
-    data = datasets.build(parse_config(file_config(diabetes_csv)).data)
-    assert data.data_version == summary["data_version"]
+    raw = file_config(diabetes_csv)
+    data = datasets.build(parse_config(raw).data, data_sources.resolve(raw))
+    assert data.data_version == summary["data_version"]  # the file's sha256
     x_test, y_test = data.split("test")
     y_raw = metrics.to_original_units(y_test.astype(np.float64), data.target_scale)
     model, checkpoint = train.load_model(run_dir / train.MODEL_FILE)
@@ -182,7 +183,7 @@ def test_monitor_and_mode_follow_the_task():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.task=regression"], "data.task: digits is a classification dataset"),
+    (["data=digits", "data.task=regression"], "data.task: digits is a classification dataset"),
     (["data=synthetic", "data.task=regression", "eval.monitor=val/accuracy"],
      "eval.monitor: must be one of val/loss, val/mse, val/mae, val/r2; got 'val/accuracy'"),
     (["eval.monitor=val/mse", "eval.mode=max"],

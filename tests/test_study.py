@@ -260,7 +260,7 @@ def test_compiled_study_fans_out_the_runs_and_collects_them(tmp_path):
                         "study.parallelism=3", "platform.gpu.count=1"]) == 0
     spec = yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"data-prep", "probe", "study-plan", "for-loop-1", "study-report"}
+    assert set(tasks) == {"resolve-data", "data-prep", "probe", "study-plan", "for-loop-1", "study-report"}
     loop = tasks["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--study-plan-Output"
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
