@@ -115,12 +115,14 @@ class _Lookup:
                             "commit it, or choose a later revision")
 
     def info(self) -> dict:
+        from dvc_data.index import DataIndexDirError
+
         try:
             info = self.fs.info(self.path)
         except FileNotFoundError:
             raise DataError(f"data.path: no {self.path!r} in {self.where}; DVC tracks: {_tracked(self.fs.repo)}"
                             + ("; for a local file use data=file" if self.repo == str(PROJECT_ROOT) else "")) from None
-        except Exception as exc:  # noqa: BLE001 - a directory's listing not to be had: its storage's own error
+        except DataIndexDirError as exc:  # the listing of the directory holding it: in no cache, on no remote
             raise self.unavailable(exc) from None
         if info["type"] == "directory":
             raise DataError(f"data.path: {self.path!r} in {self.where} is a directory; name a file in it")
@@ -134,9 +136,13 @@ class _Lookup:
                 "hash": entry.hash_info.name}
 
     def copy_to(self, local: Path) -> None:
+        from dvc.exceptions import DvcException
+
         try:
             with self.fs.open(self.path, "rb") as src, open(local, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+        except DvcException:
+            raise
         except Exception as exc:  # noqa: BLE001 - each storage backend (botocore, aiohttp, ...) raises its own
             raise self.unavailable(exc) from None
 
@@ -160,7 +166,7 @@ class _Lookup:
 
 @contextlib.contextmanager
 def _dvc_errors(repo: str, rev: str):
-    from dvc.exceptions import NotDvcRepoError
+    from dvc.exceptions import DvcException, NotDvcRepoError
     from dvc.scm import CloneError, RevError, SCMError
 
     try:
@@ -175,6 +181,8 @@ def _dvc_errors(repo: str, rev: str):
     except SCMError as exc:
         raise DataError(f"data.repo: {repo}: {' '.join(str(exc).split())}; data=dvc reads a git repository "
                         "(`git init`, `dvc init`)") from None
+    except DvcException as exc:  # e.g. a .dvc or dvc.yaml file DVC cannot parse
+        raise DataError(f"data.repo: DVC cannot read {repo} at {rev}: {' '.join(str(exc).split())}") from None
     finally:
         if is_url(repo):  # DVC clones a URL into a temporary directory; remove it
             from dvc.repo.open_repo import clean_repos
