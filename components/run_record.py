@@ -1,8 +1,9 @@
-"""One training run's record: what summary.json holds, what the study keeps per run and what
-`submit` prints. One type, so the four readers and writers cannot drift apart.
+"""One training run's record: what training returns, what summary.json holds, what the study
+keeps per run and what `submit` prints. One type, so its readers and writers cannot drift apart.
 
-Written by the evaluate step (`RunRecord.from_training`); read back with `RunRecord.from_dict`,
-which tolerates a record from an older run (missing keys keep their defaults).
+The trainer returns it (components/training.py `Trainer.result`); the evaluate step completes
+it with the test metrics (`RunRecord.from_training`); it is read back with
+`RunRecord.from_dict`, which tolerates a record from an older run (missing keys keep their defaults).
 """
 
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +28,7 @@ class RunRecord:
     epochs: Optional[float] = None
     samples_seen: Optional[int] = None
     steps_per_epoch: Optional[int] = None
+    max_steps: Optional[int] = None  # the planned budget: train.max_steps or max_epochs x steps_per_epoch
     wall_time_s: Optional[float] = None
     eval_time_s: Optional[float] = None  # of wall_time_s, spent evaluating
     best_metric: dict = field(default_factory=dict)  # {name, value, step}; value None: no finite evaluation
@@ -48,7 +50,7 @@ class RunRecord:
     @classmethod
     def from_training(cls, outcome: Dict[str, Any], run_id: Optional[str], optimizer: str, target: Optional[float],
                       manifest: dict, test: dict, probe: Optional[dict] = None) -> "RunRecord":
-        """The record of a trained run: train's outcome (training.FitResult.to_dict() and what
+        """The record of a trained run: train's outcome (the trainer's RunRecord as a dict and what
         components.train adds), the dataset manifest and the test metrics."""
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in outcome.items() if k in known},

@@ -15,7 +15,7 @@ on shard `rank`; with one process that is the whole window.
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -27,6 +27,7 @@ from components.config import (Config, TrainConfig, config_hash, for_dataset, la
                                parse_config)
 from components.datasets import Dataset
 from components.errors import ConfigError
+from components.run_record import RunRecord
 
 CHECKPOINT = "checkpoints/last.pt"
 NOISE_EVERY, NOISE_EVERY_SPLIT = 4, 16  # default noise-measuring interval (train.noise_scale_every_steps)
@@ -149,34 +150,6 @@ def measuring_micro(shard: int, micro: int) -> Optional[int]:
         return micro
     half = largest_divisor_at_most(shard, shard // 2) if shard > 1 else 0
     return half if half and shard // half <= 4 else None
-
-
-@dataclass
-class FitResult:
-    plan: Plan
-    optimizer_steps: int
-    samples_seen: int
-    epochs: float
-    wall_time_s: float
-    stop_reason: str
-    best_metric: dict  # {name, value, step}; value None when no evaluation was finite
-    steps_to_target: Optional[int]
-    samples_to_target: Optional[int]
-    time_to_target_s: Optional[float]
-    resumed_from_step: Optional[int]
-    micro_batch_size: int  # at the end: smaller than planned after an out-of-memory retry
-    accumulation_steps: int
-    oom_events: List[dict] = field(default_factory=list)
-    gns_b_simple: Optional[float] = None  # noise scale tracked during training
-    eval_time_s: float = 0.0  # of wall_time_s, spent evaluating
-    train_time_to_target_s: Optional[float] = None  # time_to_target_s less the evaluations before it
-    status: str = "completed"  # or "diverged": see components/early_stopping.py
-    divergence: Optional[dict] = None  # {rule, detail, step, lr, advice} when diverged
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        plan = out.pop("plan")
-        return {**plan, **out}
 
 
 def advice(lr: float, plan: Plan) -> str:
@@ -372,7 +345,7 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def fit(self) -> FitResult:
+    def fit(self) -> RunRecord:
         """Train the model in place and leave the best weights (by `eval.monitor`) loaded in it."""
         from tqdm.auto import tqdm
 
@@ -472,28 +445,31 @@ class Trainer:
     def stop_reason(self) -> str:
         return self.state.stopper.stop_reason or self.plan.limit
 
-    def result(self) -> FitResult:
-        s, plan, target_at = self.state, self.plan, self.state.target_at
-        stopper = s.stopper
-        return FitResult(
-            plan=plan, optimizer_steps=s.step, samples_seen=s.step * plan.effective_batch_size,
-            epochs=s.step / plan.steps_per_epoch, wall_time_s=self.elapsed(), stop_reason=self.stop_reason(),
-            best_metric={"name": self.cfg.eval.monitor, "value": stopper.best if s.best_state is not None else None,
-                         "step": stopper.best_step if s.best_state is not None else None},
-            steps_to_target=target_at["steps"] if target_at else None,
+    def result(self) -> RunRecord:
+        """The run's record as far as training knows it (evaluate adds the test metrics)."""
+        s, plan, target_at, cfg = self.state, self.plan, self.state.target_at, self.cfg
+        best = s.best_state is not None
+        return RunRecord(
+            run_id=cfg.run_id, status="diverged" if s.divergence else "completed", stop_reason=self.stop_reason(),
+            divergence=s.divergence, task=self.data.task, effective_batch_size=plan.effective_batch_size,
+            micro_batch_size=s.micro_batch_size, accumulation_steps=self.shard // s.micro_batch_size,
+            world_size=plan.world_size, lr=plan.lr, optimizer=cfg.train.optimizer, optimizer_steps=s.step,
+            epochs=s.step / plan.steps_per_epoch, samples_seen=s.step * plan.effective_batch_size,
+            steps_per_epoch=plan.steps_per_epoch, max_steps=plan.max_steps, wall_time_s=self.elapsed(),
+            eval_time_s=s.eval_time_s,
+            best_metric={"name": cfg.eval.monitor, "value": s.stopper.best if best else None,
+                         "step": s.stopper.best_step if best else None},
+            target=cfg.eval.target, steps_to_target=target_at["steps"] if target_at else None,
             samples_to_target=target_at["samples"] if target_at else None,
             time_to_target_s=target_at["time_s"] if target_at else None,
-            resumed_from_step=self.resumed_from, micro_batch_size=s.micro_batch_size,
-            accumulation_steps=self.shard // s.micro_batch_size, oom_events=s.oom_events,
-            gns_b_simple=s.noise.value if s.noise is not None else None, eval_time_s=s.eval_time_s,
             train_time_to_target_s=target_at["train_time_s"] if target_at else None,
-            status="diverged" if s.divergence else "completed", divergence=s.divergence,
-        )
-
+            resumed_from_step=self.resumed_from, data_version=self.identity["data_version"],
+            config_hash=self.identity["config_hash"], counts=self.data.manifest["counts"], oom_events=s.oom_events,
+            gns_b_simple=s.noise.value if s.noise is not None else None)
 
 def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
         tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
-        on_step: Optional[Callable[[int], None]] = None, rank: int = 0) -> FitResult:
+        on_step: Optional[Callable[[int], None]] = None, rank: int = 0) -> RunRecord:
     """Train `model` in place and leave the best weights (by `eval.monitor`) loaded in it:
     `Trainer(...).fit()`. See Trainer for the arguments."""
     return Trainer(model, data, cfg, run_dir, tracker, progress, on_step, rank).fit()

@@ -32,7 +32,7 @@ def test_accumulation_gives_the_same_update_as_one_big_batch(digits, optimizer):
                             "lr": 0.05 if optimizer == "sgd" else 0.002, "checkpoint_every_steps": None},
                      eval={"every_steps": 40})
         model, result = train(cfg, digits)
-        assert result.plan.accumulation_steps == 32 // micro and result.optimizer_steps == 40
+        assert result.accumulation_steps == 32 // micro and result.optimizer_steps == 40
         runs[micro] = params(model)
     assert not torch.equal(runs[32], params(models.build_model(config().model, (1, 8, 8), 10)))  # it trained
     torch.testing.assert_close(runs[8], runs[32], rtol=1e-5, atol=1e-6)
@@ -95,7 +95,7 @@ def test_last_incomplete_window_is_dropped_and_every_step_sees_the_effective_bat
     cfg = config(train={"batch_size": 100, "micro_batch_size": 50, "max_epochs": 2, "lr_scaling": "none"},
                  eval={"patience": 100})
     _, result = train(cfg, digits, tmp_path)
-    assert result.plan.steps_per_epoch == 1259 // 100 == 12
+    assert result.steps_per_epoch == 1259 // 100 == 12
     assert result.optimizer_steps == 24 and result.samples_seen == 2400 and result.epochs == 2.0
     assert result.stop_reason == early_stopping.MAX_EPOCHS
     rows = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
@@ -126,7 +126,7 @@ def test_logged_lr_is_the_scaled_and_scheduled_lr(digits, tmp_path):
     cfg = config(train={"batch_size": 64, "micro_batch_size": 64, "lr": 0.05, "base_batch_size": 32,
                         "warmup_steps": 5, "schedule": "cosine", "max_steps": 30})
     _, result = train(cfg, digits, tmp_path)
-    assert result.plan.lr == pytest.approx(0.1)
+    assert result.lr == pytest.approx(0.1)
     rows = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]
     expected = [training.lr_at(s, 0.1, cfg.train, 30) for s in range(30)]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
@@ -384,7 +384,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(digits, tmp_p
     assert result.oom_events == [{"step": 1, "from": 32, "to": 16}, {"step": 1, "from": 16, "to": 8}]
     assert model.calls[:4] == [32, 16, 8, 8]  # the retry sequence, then 4 micro-batches of 8
     assert (result.micro_batch_size, result.accumulation_steps) == (8, 4)
-    assert result.plan.effective_batch_size == 32 and result.samples_seen == 32 * 30  # never silently changed
+    assert result.effective_batch_size == 32 and result.samples_seen == 32 * 30  # never silently changed
     torch.testing.assert_close(params(model.inner), params(clean), rtol=1e-5, atol=1e-6)
     events = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "out_of_memory"]
     assert [(e["micro_batch_size"], e["accumulation_steps"]) for e in events] == [(16, 2), (8, 4)]
