@@ -14,7 +14,10 @@ on shard `rank`; with one process that is the whole window.
 """
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -152,6 +155,30 @@ def measuring_micro(shard: int, micro: int) -> Optional[int]:
     return half if half and shard // half <= 4 else None
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (a pod preempted or evicted, `kill`): the step in flight finished and the
+    checkpoint was saved, so the run resumes from there."""
+
+
+@contextmanager
+def finish_the_step_on_sigterm(trainer: "Trainer"):
+    """SIGTERM sets a flag the loop reads after each optimizer step: stopping mid-step could save
+    updated weights under the previous step's count, and the resumed run would differ. Kubernetes
+    waits terminationGracePeriodSeconds (30 s by default) after SIGTERM, far longer than a step."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+
+    def request_stop(signum, frame):
+        trainer.terminate_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def advice(lr: float, plan: Plan) -> str:
     """What to try after a divergence, in one line."""
     warmup = max(10, plan.max_steps // 20)
@@ -245,6 +272,7 @@ class Trainer:
         self.loss_since_eval: List[float] = []  # train losses since the last evaluation, for W&B and loss_exploded
         self.train_loss = float("nan")
         self.indices: Optional[torch.Tensor] = None  # the current step's examples
+        self.terminate_requested = False  # set by SIGTERM (finish_the_step_on_sigterm)
         self.t0 = time.perf_counter()
         self._resume_or_seed(run_dir)
 
@@ -354,12 +382,13 @@ class Trainer:
                    disable=(None if self.progress is None else not self.progress))
         self.t0 = time.perf_counter()
         try:
-            if s.step == 0 and s.stopper.first is None:  # where it started: what a collapse falls back to
-                s.stopper.start(self.validation_metrics()[self.cfg.eval.monitor])
-                self.t0 = time.perf_counter()  # not training time
-            if not s.finished:
-                self._loop(bar)
-                self._finish(bar)
+            with finish_the_step_on_sigterm(self):
+                if s.step == 0 and s.stopper.first is None:  # where it started: what a collapse falls back to
+                    s.stopper.start(self.validation_metrics()[self.cfg.eval.monitor])
+                    self.t0 = time.perf_counter()  # not training time
+                if not s.finished:
+                    self._loop(bar)
+                    self._finish(bar)
         except KeyboardInterrupt:
             self.save_checkpoint()  # Ctrl-C: the run resumes from here
             raise
@@ -426,6 +455,9 @@ class Trainer:
                     last_checkpoint = now
                 if stopper.should_stop or step >= plan.max_steps:
                     break
+                if self.terminate_requested:
+                    self.save_checkpoint()
+                    raise Terminated(f"SIGTERM: stopped after step {step} with a checkpoint; the run resumes from it")
                 if log and now - last_flush > 0.5:  # keeps progress readers current
                     log.flush()
                     last_flush = now

@@ -202,6 +202,27 @@ def test_resume_ends_with_the_same_weights_and_rows_as_an_uninterrupted_run(digi
     assert again_result.optimizer_steps == 80 and torch.equal(params(again), params(full))
 
 
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_the_run_resumes_to_the_same_weights(digits, tmp_path):
+    import os
+    import signal
+
+    cfg = config(train={"max_steps": 60, "micro_batch_size": 16}, eval={"every_steps": 25, "patience": 100})
+    full, _ = train(cfg, digits, tmp_path / "full")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def preempt_at_23(step):
+        if step == 23:
+            os.kill(os.getpid(), signal.SIGTERM)  # what Kubernetes sends a pod it evicts
+
+    with pytest.raises(training.Terminated, match="after step 23"):
+        train(cfg, digits, tmp_path / "resumed", on_step=preempt_at_23)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only while fit runs
+    assert storage.load_torch(tmp_path / "resumed" / training.CHECKPOINT)["step"] == 23
+    resumed, result = train(cfg, digits, tmp_path / "resumed")
+    assert result.resumed_from_step == 23 and result.optimizer_steps == 60
+    assert torch.equal(params(resumed), params(full))
+
+
 def test_resume_refuses_a_run_directory_with_another_config(digits, tmp_path):
     train(config(train={"max_steps": 10, "checkpoint_every_steps": 5}), digits, tmp_path)
     from components.errors import ConfigError
