@@ -19,7 +19,6 @@ ratio far above 1 says the runs measured contention, not batch size.
 """
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import describe  # bench/machine.py, beside this file
+from machine import describe, finish  # bench/machine.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -95,13 +94,8 @@ def main() -> None:
                   f" {r['loop_aware_ratio']:6.2f} {r['first_step_s'] or 0:10.3f}")
         studies.append({"runs": rows, "median_ratio": median, "loop_aware_median_ratio": aware, "worst": worst,
                         "wall_s": wall})
-    storage.write_json(ROOT / args.out, {"date": time.strftime("%Y-%m-%d"), "machine": machine,
-                                         "overrides": args.overrides, "studies": studies})
-    print(f"\nwritten: {args.out}")
-    if args.keep:
-        print(f"runs: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    finish(ROOT / args.out, storage.strict({"date": time.strftime("%Y-%m-%d"), "machine": machine,
+                                            "overrides": args.overrides, "studies": studies}), work, args.keep)
 
 
 if __name__ == "__main__":

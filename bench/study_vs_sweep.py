@@ -22,13 +22,12 @@ pass for the rule.
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import describe  # bench/machine.py, beside this file
+from machine import describe, finish  # bench/machine.py, beside this file
 
 import torch
 
@@ -151,18 +150,13 @@ def main() -> None:
     per_batch("sweep (best LR)", sweep)
     print("\n" + "\n".join(lines))
     print("\nlast study's answer:\n  " + "\n  ".join(results[-1]["summary"]["answer"]))
-    storage.write_json(Path(args.out), {
+    finish(Path(args.out), storage.strict({
         "date": time.strftime("%Y-%m-%d"), "machine": machine, "torch": torch.__version__, "threads": args.threads,
         "task": TASK, "study_overrides": args.study, "sweep_s": sweep_s,
         "sweep": {k: sweep[k] for k in ("batches", "fit", "best", "compute")},
         "studies": [{**{k: v for k, v in r.items() if k != "summary"},
                      "summary": {k: r["summary"][k] for k in ("batches", "fit", "best", "answer", "compute")}}
-                    for r in results], "lines": lines})
-    print(f"\nwritten: {args.out}")
-    if args.keep:
-        print(f"runs: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+                    for r in results], "lines": lines}), work, args.keep)
 
 
 if __name__ == "__main__":
