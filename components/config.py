@@ -243,8 +243,12 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     pipeline: str = "train"  # train: one run; study: compare batch sizes (conf/pipeline/)
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # a local path or s3://bucket/prefix; a run's files go to <output_dir>/<run_id>/
+    # null: decided when the run starts (with_run_id); locally submit names a new one
     run_id: Optional[str] = None
+    # Another run's location (<output_dir>/<run_id>, local or s3://) whose synced checkpoint this
+    # run starts from, when it has none of its own; the config and data must be the same.
+    resume_from: Optional[str] = None
 
     @property
     def world_size(self) -> int:
@@ -483,11 +487,21 @@ def validate(cfg: Config) -> None:
     if cfg.run_id is not None:
         _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
+    for key, uri in (("output_dir", cfg.output_dir), ("resume_from", cfg.resume_from)):
+        scheme = str(uri).partition("://")[0] if uri and "://" in str(uri) else ""
+        _check(scheme in ("", "file", "s3"), key, f"a local path or s3://bucket/prefix; got {uri!r}")
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
     """The micro-batch for a batch of n when at most `limit` fit: it must divide n exactly."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def with_run_id(raw: dict, job_id: str) -> dict:
+    """The run's identity, decided when it runs: the config's run_id when it names one (a local
+    submit names every run; `run_id=<id>` resumes it), else the pipeline job's id, which KFP gives
+    each run, so every run a schedule starts is a new run with its own outputs and W&B runs."""
+    return raw if raw.get("run_id") else {**raw, "run_id": job_id}
 
 
 def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
@@ -496,7 +510,7 @@ def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
 
 
 # Keys that change where or how a run is recorded, not what it computes.
-_NOT_HASHED = ("run_id", "output_dir", "tracking", "platform", "storage")
+_NOT_HASHED = ("run_id", "output_dir", "resume_from", "tracking", "platform", "storage")
 
 
 # Where the data comes from: absolute paths of this machine, a branch that moves. Once the data's

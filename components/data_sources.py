@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from components import dvc_source
-from components.config import load_config_file
+from components.config import StorageConfig, load_config_file
 from components.errors import DataError, exit_on_user_error
 
 
@@ -98,40 +98,28 @@ def _split(uri: str) -> Tuple[str, str]:
 
 
 def _client(settings: dict):
-    import boto3
-    from botocore.config import Config
+    from components import s3
 
-    endpoint = settings.get("endpoint_url")
-    config = Config(retries={"mode": "standard", "total_max_attempts": settings.get("max_attempts") or 3},
-                    connect_timeout=settings.get("connect_timeout_s") or 10,
-                    s3={"addressing_style": "path"} if endpoint else None)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=settings.get("region"),
-                                          config=config)
+    return s3.make_client(StorageConfig(**settings))
 
 
-def _s3_error(exc: Exception, uri: str, client) -> DataError:
+def _s3_error(exc: Exception, uri: str, client, settings: dict) -> DataError:
+    """components/s3.py's one line for the error, about data.path; a missing object or bucket
+    (a HEAD's 404 says neither) told apart here."""
     from botocore import exceptions as bx
 
-    endpoint = client.meta.endpoint_url
-    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-        return DataError(f"data.path: no AWS credentials to read {uri}; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
-    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
-        return DataError(f"data.path: cannot reach the S3 endpoint {endpoint} for {uri}; check storage.endpoint_url "
-                         "and that the server is up")
+    from components import s3
+
+    bucket, key = _split(uri)
     code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, bx.ClientError) else ""
     if code in ("404", "NoSuchKey", "NoSuchBucket"):
-        bucket, key = _split(uri)
         try:
             client.head_bucket(Bucket=bucket)
         except bx.ClientError:
-            return DataError(f"data.path: bucket {bucket!r} does not exist at {endpoint}; check the URI "
-                             "(or storage.endpoint_url)")
+            return DataError(f"data.path: bucket {bucket!r} does not exist at {client.meta.endpoint_url}; check the "
+                             "URI (or storage.endpoint_url)")
         return DataError(f"data.path: no object {key!r} in bucket {bucket!r} ({uri})")
-    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return DataError(f"data.path: access to {uri} denied ({code}); check the AWS credentials and the bucket's "
-                         "policy")
-    return DataError(f"data.path: cannot read {uri}: {' '.join(str(exc).split())}")
+    return DataError("data.path: " + s3.describe_error(exc, uri, client, StorageConfig(**settings), bucket))
 
 
 def _resolve_s3(uri: str, settings: dict) -> dict:
@@ -142,7 +130,7 @@ def _resolve_s3(uri: str, settings: dict) -> dict:
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except (bx.BotoCoreError, bx.ClientError) as exc:
-        raise _s3_error(exc, uri, client) from None
+        raise _s3_error(exc, uri, client, settings) from None
     version_id = head.get("VersionId") if head.get("VersionId") not in (None, "null") else None
     etag = head["ETag"].strip('"')
     return {"kind": "s3", "uri": uri, "version": version_id or etag, "version_id": version_id, "etag": etag}
@@ -165,9 +153,9 @@ def _fetch_s3(resolved: dict, settings: dict, scratch: Path) -> Path:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
             raise DataError(f"data.path: {uri} changed since its version was resolved (ETag {resolved['etag']}); "
                             "run again to read the new one") from None
-        raise _s3_error(exc, uri, client) from None
+        raise _s3_error(exc, uri, client, settings) from None
     except bx.BotoCoreError as exc:
-        raise _s3_error(exc, uri, client) from None
+        raise _s3_error(exc, uri, client, settings) from None
     if response["ETag"].strip('"') != resolved["etag"]:
         raise DataError(f"data.path: {uri} read as ETag {response['ETag']}, not the resolved {resolved['etag']}")
     return local

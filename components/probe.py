@@ -25,10 +25,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from components import cpu, datasets, memory, metrics, models, noise_scale, storage, throughput, training
+from components import cpu, datasets, memory, metrics, models, noise_scale, run_store, storage, throughput, training
 from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
                                parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
+from components.run_store import RunStore, join_uri
 from components.tracking import Tracker
 
 PROBE_FILE = "probe.json"
@@ -163,20 +164,24 @@ def apply(config: dict, result: Dict) -> dict:
     return with_batch_sizes(config, choice["effective_batch_size"], choice["micro_batch_size"])
 
 
-def run(config: dict, dataset_path: str, out: str, run_dir: str,
+def run(config: dict, dataset_path: str, out: str, store=None,
         timer: Optional[throughput.StepTimer] = None) -> Dict:
-    """`timer` replaces the throughput ladder's clock (tests script the timings)."""
-    run_dir = storage.local_path(run_dir)
+    """Write probe.json to `out` and to the run's store (a RunStore or location; None:
+    `<output_dir>/<run_id>` of the config). `timer` replaces the throughput ladder's clock (tests
+    script the timings)."""
     data = datasets.load(Path(dataset_path))
     config = for_dataset(config, data.manifest)
     cfg = parse_config(config)
+    store = run_store.open_run(config, store)
     identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
-    saved = run_dir / PROBE_FILE
-    if saved.exists():  # a resumed run keeps the decision its checkpoints were made with
-        result = storage.read_json(saved)
-        if all(result.get(k) == v for k, v in identity.items()):
+    # a resumed run keeps the decision its checkpoints were made with (its own, or resume_from's)
+    for source in [store] + ([RunStore.open(cfg.resume_from, store.settings)] if cfg.resume_from else []):
+        result = source.get_json(PROBE_FILE) if source.exists(PROBE_FILE) else {}
+        if result and all(result.get(k) == v for k, v in identity.items()):
             storage.write_json(Path(out), result)
-            print(f"probe: reusing {saved}")
+            if source is not store:
+                store.put_file(Path(out), PROBE_FILE)
+            print(f"probe: reusing {join_uri(source.uri, PROBE_FILE)}")
             return result
 
     start = time.perf_counter()
@@ -270,16 +275,19 @@ def run(config: dict, dataset_path: str, out: str, run_dir: str,
         "reasoning": reasoning,
         "wall_time_s": time.perf_counter() - start,
     }
-    storage.write_json(saved, result)
     storage.write_json(Path(out), result)
+    store.put_file(Path(out), PROBE_FILE)
     print("probe: " + "; ".join(reasoning))
 
-    tracker = Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "probe", {**config, **identity})
-    for rung in ladder:
-        tracker.log({k: rung[k] for k in ("micro_batch_size", "samples_per_s", "spread")})
-    tracker.summarize({**{f"probe/{k}": v for k, v in result["recommendation"].items()},
-                       "probe/b_simple": noise.b_simple, "probe/max_micro_batch_size": fit.micro_batch})
-    tracker.finish()
+    run_id = cfg.run_id or Path(store.uri).name
+    with storage.scratch_dir(f"probe-{run_id}-") as scratch:
+        tracker = Tracker(cfg.tracking, scratch, run_id, "probe", {**config, **identity})
+        for rung in ladder:
+            tracker.log({k: rung[k] for k in ("micro_batch_size", "samples_per_s", "spread")})
+        tracker.summarize({**{f"probe/{k}": v for k, v in result["recommendation"].items()},
+                           "probe/b_simple": noise.b_simple, "probe/max_micro_batch_size": fit.micro_batch})
+        tracker.finish()
+        store.sync(scratch, run_store.local_files(scratch, "wandb"))
     return result
 
 
@@ -313,7 +321,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="resolved config (YAML or JSON)")
     parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
     parser.add_argument("--out", required=True, help="where to write probe.json")
-    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--run-dir", required=True, help="the run's store (a directory or s3://)")
     args = parser.parse_args(argv)
     run(load_config_file(args.config), args.dataset, args.out, args.run_dir)
 

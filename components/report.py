@@ -7,7 +7,8 @@ optionally a W&B report object built from the same study. One study is the norma
 more are overlaid (before/after a model change) with one colour and marker per study.
 
 The study step (components.study) calls load_study/render after its runs; to rebuild a report
-from saved results use `python -m pipelines.report STUDY_DIR [STUDY_DIR ...]`.
+from saved results use `python -m pipelines.report STUDY [STUDY ...]`, which reads a study
+(local or s3://) through its manifest (fetch_study).
 
 Only runs with "selected": true stand for their batch size in the plots; the others (the LR
 search's alternatives, and runs repeated with finer evaluations) appear faded in the steps plot
@@ -23,6 +24,8 @@ from typing import Iterable, Optional
 from components import storage
 from components.errors import DataError
 from components.report_plots import FIGURES, figures, fit_of, fmt, num, plus_minus, study_id, style, target
+from components.run_store import MANIFEST, is_remote
+from components.study import STUDY_FILE
 
 
 # ---------------------------------------------------------------- loading
@@ -32,7 +35,7 @@ def load_study(study_dir) -> dict:
 
     A run without a metrics file (a failed run) gets [] and a line in study["notes"]."""
     study_dir = Path(study_dir)
-    path = study_dir / "study.json"
+    path = study_dir / STUDY_FILE
     if not path.is_file():
         raise DataError(f"report: {path} does not exist (is {study_dir} a study directory?)")
     try:
@@ -50,6 +53,22 @@ def load_study(study_dir) -> dict:
         elif bad:
             study["notes"].append(f"run {run.get('name')}: skipped {bad} unreadable line(s) in metrics.jsonl")
     return study
+
+
+def fetch_study(store, local_dir: Path) -> Path:
+    """A published study's study.json and its runs' metrics.jsonl, through the study's manifest
+    (each file verified), into local_dir, for load_study. `store`: the study's RunStore."""
+    manifest = store.read_manifest()
+    if manifest is None:
+        if not is_remote(store.uri) and not Path(store.uri).exists():
+            raise DataError(f"report: {store.uri} does not exist (is it a study directory?)")
+        raise DataError(f"report: {store.uri} is not a published study (no {MANIFEST}: it is still running, "
+                        "failed, or is not a study's directory)")
+    if STUDY_FILE not in manifest["files"]:
+        raise DataError(f"report: {store.uri} is a run, not a study (its manifest lists no {STUDY_FILE})")
+    metrics = [k for k in manifest["files"] if k.startswith("runs/") and k.endswith("/metrics.jsonl")]
+    store.fetch(local_dir, [STUDY_FILE, *metrics])
+    return Path(local_dir)
 
 
 def _read_rows(path: Path) -> tuple:

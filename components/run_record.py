@@ -9,6 +9,8 @@ it with the test metrics (`RunRecord.from_training`); it is read back with
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+SUMMARY_FILE = "summary.json"  # in the run's store: while training a progress note (status running), then the record
+
 
 @dataclass
 class RunRecord:

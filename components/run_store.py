@@ -6,10 +6,15 @@ Steps work in their own local scratch directory and hand files to a RunStore:
 - `publish` uploads every file, verifies each, then writes manifest.json LAST. A run is
   visible (`is_published`, `read_manifest`, `fetch`) only once its manifest exists, so a
   failure before it leaves nothing half-published.
+- `seal` writes the manifest over what several steps stored (submit's config, the probe's
+  probe.json, train's checkpoints and model, evaluate's summary): it lists every stored file,
+  size and sha256, and is what the run's last step does.
 Keys are relative POSIX paths ("checkpoints/last.pt"); `child("runs/x")` is a store of its own
-(a study's runs each have their manifest, the study has one too).
+(a study's runs each have their manifest, the study has one too). A name starting with "." is
+never a run file (a temp file, the local runner's `.lock` and `.kfp/` beside a local run).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,12 +67,39 @@ def describe(path: Path) -> Entry:
     return {"size": Path(path).stat().st_size, "sha256": storage.sha256_file(path)}
 
 
-def local_files(local_dir: Path) -> List[str]:
-    """Every file under local_dir as a key, minus manifests (each store writes its own: a study's
-    runs/*/manifest.json belongs to that run) and files atomic_file is still writing."""
+def is_run_file(key: str) -> bool:
+    """Not a manifest (each store writes its own: a study's runs/*/manifest.json belongs to that
+    run) and nothing hidden (atomic_file's temp names, the local runner's .lock and .kfp/)."""
+    parts = PurePosixPath(key).parts
+    return parts[-1] != MANIFEST and not any(part.startswith(".") for part in parts)
+
+
+def local_files(local_dir: Path, under: str = "") -> List[str]:
+    """Every run file under local_dir (or its subdirectory `under`) as a key."""
     local_dir = Path(local_dir)
-    return sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not storage.is_temp_file(p.name))
+    top = local_dir / under if under else local_dir
+    keys = (p.relative_to(local_dir).as_posix() for p in top.rglob("*") if p.is_file())
+    return sorted(k for k in keys if is_run_file(k))
+
+
+def run_uri(config: dict) -> str:
+    """`<output_dir>/<run_id>`: where a run's durable files go (run_id decided, see
+    components.config.with_run_id)."""
+    if not config.get("run_id"):
+        raise ValueError("run_uri: the config has no run_id yet (components.config.with_run_id decides it)")
+    return join_uri(config["output_dir"], config["run_id"])
+
+
+def settings_of(config: dict) -> StorageConfig:
+    return StorageConfig(**(config.get("storage") or {}))
+
+
+def open_run(config: dict, where=None) -> "RunStore":
+    """The run's store: `where` (a RunStore, or a URI: a local path or s3://) or, when None,
+    `<output_dir>/<run_id>` of the config, with the config's storage settings."""
+    if isinstance(where, RunStore):
+        return where
+    return RunStore.open(str(where) if where is not None else run_uri(config), settings_of(config))
 
 
 def checksum_error(uri: str, expected: str, got: str) -> StorageError:
@@ -221,6 +253,46 @@ class RunStore:
         self.put_json(MANIFEST, manifest)
         return manifest
 
+    def seal(self, extra: Optional[dict] = None) -> dict:
+        """Publish what is stored already: the manifest lists every run file under this store (its
+        children's too, without their manifests), each with its size and the sha256 stored with it,
+        and is written last. The run's final step calls it over the files earlier steps stored."""
+        clash = {"files", "published_at"} & set(extra or {})
+        if clash:
+            raise ValueError(f"seal: {sorted(clash)} is the manifest's own")
+        files = {}
+        for key in self.list():
+            if not is_run_file(key):
+                continue
+            entry = self._stat(key)
+            if entry is None or entry["sha256"] is None:  # gone meanwhile, or not stored by us
+                raise StorageError(f"{join_uri(self.uri, key)}: no sha256 stored with it; store it again "
+                                   "through the run's step, then seal")
+            files[key] = entry
+        manifest = {"files": files, "published_at": datetime.now(timezone.utc).isoformat(), **(extra or {})}
+        self.put_json(MANIFEST, manifest)
+        return manifest
+
+    def unpublish(self) -> None:
+        """Hide a published run before its files change (a resumed or retried run): a manifest
+        never lists files being replaced. Sealing it again makes it visible."""
+        self.delete(MANIFEST)
+
+    def read_published(self, key: str, manifest: Optional[dict] = None) -> bytes:
+        """key's bytes as the manifest lists them, verified against its sha256."""
+        manifest = manifest or self.read_manifest()
+        if manifest is None:
+            raise StorageError(f"{self.uri}: not published (no {MANIFEST}); check the run id, or publish it first")
+        entry = manifest["files"].get(key)
+        if entry is None:
+            raise StorageError(f"{join_uri(self.uri, key)}: not in the run's manifest "
+                               f"(it lists {', '.join(sorted(manifest['files'])) or 'nothing'})")
+        data = self.get_bytes(key)
+        got = hashlib.sha256(data).hexdigest()
+        if got != entry["sha256"]:
+            raise checksum_error(join_uri(self.uri, key), entry["sha256"], got)
+        return data
+
     def read_manifest(self) -> Optional[dict]:
         data = self._read(MANIFEST)
         return None if data is None else _parse_json(data, join_uri(self.uri, MANIFEST))
@@ -303,11 +375,13 @@ class LocalStore(RunStore):
         return self._path(check_key(key)).is_file()
 
     def list(self, prefix: str = "") -> List[str]:
+        """Sorted keys under prefix: manifests included, hidden entries (temp files, the local
+        runner's .lock and .kfp/) never."""
         if not self.root.is_dir():
             return []
-        keys = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                if p.is_file() and not storage.is_temp_file(p.name)]
-        return sorted(k for k in keys if k.startswith(prefix))
+        keys = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
+        return sorted(k for k in keys if k.startswith(prefix)
+                      and not any(part.startswith(".") for part in PurePosixPath(k).parts))
 
     def delete(self, key: str) -> None:
         self._path(check_key(key)).unlink(missing_ok=True)

@@ -39,6 +39,38 @@ def make_client(settings: StorageConfig):
                                           region_name=settings.region, config=config)
 
 
+def describe_error(exc: Exception, target: str, client, settings: StorageConfig, bucket: str) -> str:
+    """A botocore error as one line naming `target` and what to do (data_sources.py says the same)."""
+    endpoint, n = client.meta.endpoint_url, settings.max_attempts
+    attempts = f"{n} attempt" + "s" * (n != 1)
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return (f"{target}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE) in the environment of every step")
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+        return (f"{target}: cannot reach the S3 endpoint {endpoint} ({attempts}); check "
+                "storage.endpoint_url and that the server is up")
+    if isinstance(exc, bx.ReadTimeoutError):
+        return (f"{target}: the S3 endpoint {endpoint} did not answer within storage.read_timeout_s="
+                f"{settings.read_timeout_s:g} ({attempts}); check that it is an S3 server")
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        if code == "NoSuchBucket":
+            return f"{target}: bucket {bucket!r} does not exist at {endpoint}; create it or fix output_dir"
+        if code in ("InvalidAccessKeyId", "InvalidToken", "ExpiredToken"):
+            return (f"{target}: the credentials were refused ({code}); check AWS_ACCESS_KEY_ID "
+                    "(or AWS_PROFILE, AWS_SESSION_TOKEN) for this endpoint")
+        if code == "SignatureDoesNotMatch":
+            return (f"{target}: the secret key does not match the access key id (SignatureDoesNotMatch); "
+                    "check AWS_SECRET_ACCESS_KEY")
+        if code in ("AccessDenied", "403"):  # a HEAD request's 403 carries no reason
+            return (f"{target}: access denied ({code}); the credentials lack permission on bucket "
+                    f"{bucket!r}: check its policy and the IAM user's")
+        message = " ".join(str(error.get("Message", "")).split())
+        return f"{target}: S3 refused the request ({code or 'error'}: {message}); see the endpoint's logs"
+    return f"{target}: S3 request failed ({' '.join(str(exc).split())}); retry, or check storage.*"
+
+
 class S3Store(RunStore):
     def __init__(self, uri: str, settings: StorageConfig, client=None):
         super().__init__(uri, settings)
@@ -61,33 +93,7 @@ class S3Store(RunStore):
             raise StorageError(self._describe(exc, join_uri(self.uri, key) if key else self.uri)) from None
 
     def _describe(self, exc: Exception, target: str) -> str:
-        endpoint, attempts = self.client.meta.endpoint_url, self.settings.max_attempts
-        if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-            return (f"{target}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                    "(or AWS_PROFILE) in the environment of every step")
-        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
-            return (f"{target}: cannot reach the S3 endpoint {endpoint} ({attempts} attempts); check "
-                    "storage.endpoint_url and that the server is up")
-        if isinstance(exc, bx.ReadTimeoutError):
-            return (f"{target}: the S3 endpoint {endpoint} did not answer within storage.read_timeout_s="
-                    f"{self.settings.read_timeout_s:g} ({attempts} attempts); check that it is an S3 server")
-        if isinstance(exc, bx.ClientError):
-            error = exc.response.get("Error", {})
-            code = error.get("Code", "")
-            if code == "NoSuchBucket":
-                return f"{target}: bucket {self.bucket!r} does not exist at {endpoint}; create it or fix output_dir"
-            if code in ("InvalidAccessKeyId", "InvalidToken", "ExpiredToken"):
-                return (f"{target}: the credentials were refused ({code}); check AWS_ACCESS_KEY_ID "
-                        "(or AWS_PROFILE, AWS_SESSION_TOKEN) for this endpoint")
-            if code == "SignatureDoesNotMatch":
-                return (f"{target}: the secret key does not match the access key id (SignatureDoesNotMatch); "
-                        "check AWS_SECRET_ACCESS_KEY")
-            if code in ("AccessDenied", "403"):  # a HEAD request's 403 carries no reason
-                return (f"{target}: access denied ({code}); the credentials lack permission on bucket "
-                        f"{self.bucket!r}: check its policy and the IAM user's")
-            message = " ".join(str(error.get("Message", "")).split())
-            return f"{target}: S3 refused the request ({code or 'error'}: {message}); see the endpoint's logs"
-        return f"{target}: S3 request failed ({' '.join(str(exc).split())}); retry, or check storage.*"
+        return describe_error(exc, target, self.client, self.settings, self.bucket)
 
     def _put(self, local_path: Path, key: str, entry: Entry) -> None:
         args = {"Metadata": {SHA256_META: entry["sha256"]}, "ChecksumAlgorithm": "SHA256"}

@@ -1,7 +1,7 @@
-"""Every file a run writes goes through here, so `s3://` outputs can be added in one place.
-
-Writes are atomic (temp file + rename): a crash never leaves a half-written checkpoint,
-summary or dataset behind.
+"""Local files: atomic writes (temp file + rename: a crash never leaves a half-written
+checkpoint, summary or dataset behind), strict JSON, checkpoints, metrics rows, and a step's
+scratch directory. A run's durable files reach `<output_dir>/<run_id>/`, local or `s3://`,
+through components/run_store.py.
 """
 
 import hashlib
@@ -17,12 +17,24 @@ from typing import Any, Iterator
 from components.errors import ConfigError
 
 
-def local_path(uri: str) -> Path:
-    """The local path for an output location; remote schemes are not wired up yet."""
+def local_path(uri: str, key: str = "output_dir") -> Path:
+    """The local path of a plain path or file:// URI. Remote locations (s3://) go through
+    components/run_store.py, never through here."""
     scheme, sep, _ = str(uri).partition("://")
     if sep and scheme != "file":
-        raise ConfigError(f"output_dir: {scheme}:// outputs are not supported yet; use a local path")
+        raise ConfigError(f"{key}: {uri} is not a local path; use a local directory here")
     return Path(str(uri)[len("file://"):] if sep else uri)
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A step's own working directory, in the task's TMPDIR, removed at the end however the step
+    ends: what it keeps goes to the run's store (components/run_store.py)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 _UMASK = os.umask(0)
@@ -58,11 +70,6 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def is_temp_file(name: str) -> bool:
-    """A file `atomic_file` is still writing (its temp name), not an output."""
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -180,3 +187,8 @@ class JsonlWriter:
 def read_jsonl(path: Path) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def parse_jsonl(data: bytes) -> list:
+    """The rows of a metrics.jsonl read from a store."""
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]

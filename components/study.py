@@ -4,10 +4,13 @@ epochs and time to target per batch, the fitted critical batch size, and the rep
 
 Three parts, so the pipeline can fan the batch sizes out (pipelines/graph.py):
   plan(config, n_train, probe)          -> one entry per batch size
-  run_batch(entry, dataset, study_dir)  -> that batch's rows: its LR search, run by run, in
+  run_batch(entry, dataset, store)      -> that batch's rows: its LR search, run by run, in
                                            one task (components/lr_search.py decides what next)
-  report(config, rows, study_dir)       -> study.json, report.html + PNGs, the W&B study run
+  report(config, rows, store)           -> study.json, report.html + PNGs, the W&B study run
                                            (components/study_summary.py: aggregates, fit, answer)
+The study's store is `<output_dir>/<study id>/` (components/run_store.py); each run trains in
+its own scratch directory into the child store runs/<name>/ and is sealed on its own by
+evaluate; the report seals the study last, over every run's files.
 
     python -m components.study --config config.yaml --dataset dataset/ --study-dir runs/s1 [--probe probe.json]
 runs all three in this process, one batch after another.
@@ -17,15 +20,17 @@ import argparse
 import copy
 import math
 import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from components import lr_search, storage
+from components import lr_search, run_store, storage
 from components.config import for_dataset, largest_divisor_at_most, load_config_file, parse_config
 from components.cpu import configure_threads
 from components.errors import DataError, UserInputError, exit_on_user_error
 from components.run_record import RunRecord
+from components.run_store import RunStore, join_uri
 from components.study_summary import resolved, summarize
 
 STUDY_FILE = "study.json"
@@ -110,6 +115,9 @@ def run_config(entry: Dict, name: str, multiplier: float, seed: int, every: int,
     """The full config of one run of a batch's search."""
     run = copy.deepcopy(entry["config"])
     run["run_id"] = f"{entry['study_id']}-{name}"
+    # output_dir is the study's parent: a run's files go to its child store (run_one), not to <output_dir>/<run_id>
+    if run.get("resume_from"):  # a study resumed from another: each run from that study's run of the same name
+        run["resume_from"] = join_uri(run["resume_from"], RUNS_DIR, name)
     budget = run["train"]["max_steps"]
     run["train"].update(lr=run["train"]["lr"] * multiplier, seed=seed,
                         max_steps=min(cap, budget or cap) if cap else budget)
@@ -120,10 +128,18 @@ def run_config(entry: Dict, name: str, multiplier: float, seed: int, every: int,
 
 # ---------------------------------------------------------------- one batch size, one run
 
-def run_batch(entry: Dict, dataset_path: str, study_dir: str, runner=None) -> List[Dict]:
+def study_store(entry: Dict, where=None) -> RunStore:
+    """The study's store: `where` (a RunStore or location) or `<output_dir>/<study id>`."""
+    return run_store.open_run({**entry["config"], "run_id": entry["study_id"]}, where)
+
+
+def run_batch(entry: Dict, dataset_path: str, store=None, runner=None) -> List[Dict]:
     """The batch's LR search, one run after another in this process; every run's row.
-    `runner` (run_one's signature) trains one run; tests script it."""
+    `store`: the study's store (see study_store). `runner` (run_one's signature) trains one
+    run; tests script it."""
     runner = runner or run_one
+    store = study_store(entry, store)
+    store.unpublish()  # its runs are about to change: the report seals the study again
     rules = lr_search.Rules.of(parse_config(entry["config"]), entry.get("lr_centre", 1.0))
     rows: List[Dict] = []
     # every kind of run is bounded (lr_search.decide); this only guards against a rule that loops
@@ -141,7 +157,7 @@ def run_batch(entry: Dict, dataset_path: str, study_dir: str, runner=None) -> Li
         attempt = next(n for n in range(1, len(rows) + 2)
                        if run_name(entry["batch_size"], multiplier, seed, kind, n) not in names)
         name = run_name(entry["batch_size"], multiplier, seed, kind, attempt)
-        row = {**runner(entry, name, multiplier, seed, kind, every, cap, dataset_path, study_dir),
+        row = {**runner(entry, name, multiplier, seed, kind, every, cap, dataset_path, store),
                "lr_centre": entry.get("lr_centre", 1.0)}  # so the report can replay the search
         for r in earlier:  # a remeasured or longer run replaces the first one
             r["superseded"] = True
@@ -156,33 +172,32 @@ def run_batch(entry: Dict, dataset_path: str, study_dir: str, runner=None) -> Li
 
 
 def run_one(entry: Dict, name: str, multiplier: float, seed: int, kind: str, every: int, cap: Optional[int],
-            dataset_path: str, study_dir: str) -> Dict:
-    """Train and evaluate one run in its own directory; its row for study.json. A run that
-    fails is recorded as failed (with its one-line reason), a diverged run as diverged."""
+            dataset_path: str, store: RunStore) -> Dict:
+    """Train and evaluate one run into its own store (runs/<name>/ of the study's); its row for
+    study.json. A run that fails is recorded as failed (with its one-line reason), a diverged
+    run as diverged."""
     from components import evaluate, train
 
     config = run_config(entry, name, multiplier, seed, every, cap)
-    run_dir = storage.local_path(study_dir) / RUNS_DIR / name
+    run = store.child(f"{RUNS_DIR}/{name}")
     cfg = parse_config(config)
     base = {"name": name, "batch_size": entry["batch_size"], "lr_multiplier": multiplier, "seed": seed,
             "search": kind, "eval_every_steps": every, "step_cap": cap, "run_dir": f"{RUNS_DIR}/{name}",
             "monitor": cfg.eval.monitor, "mode": cfg.eval.mode}
     configure_threads(cfg.train)
     try:
-        outcome = train.run(config, dataset_path, str(run_dir / train.MODEL_FILE), str(run_dir), progress=False)
-        # a diverged run without a finite evaluation has no model: evaluate says so in its summary
-        summary = evaluate.run(config, dataset_path, str(run_dir / train.MODEL_FILE), outcome, str(run_dir))
+        with storage.scratch_dir(f"study_run-{name}-") as scratch:  # the model artifact evaluate reads
+            model = str(scratch / train.MODEL_FILE)
+            outcome = train.run(config, dataset_path, model, run, progress=False)
+            # a diverged run without a finite evaluation has no model: evaluate says so in its summary
+            summary = evaluate.run(config, dataset_path, model, outcome, run)
+        metrics = storage.parse_jsonl(run.read_published("metrics.jsonl"))
     except Exception as exc:  # noqa: BLE001 - one broken run must not lose the others
         error = str(exc) if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {exc}"
         return {**base, "status": lr_search.FAILED, "error": error, "reached_target": False, "lr": None}
-    row = row_from(RunRecord.from_dict(summary), cfg.eval.monitor, _metrics(run_dir))
+    row = row_from(RunRecord.from_dict(summary), cfg.eval.monitor, metrics)
     row["capped"] = bool(cap) and not row["reached_target"] and row["optimizer_steps"] >= cap
     return {**base, **row}
-
-
-def _metrics(run_dir: Path) -> List[Dict]:
-    path = run_dir / "metrics.jsonl"
-    return storage.read_jsonl(path) if path.is_file() else []
 
 
 def warm_seconds_per_step(metrics: List[Dict], skip: int = WARM_STEPS, block: int = 10) -> Optional[float]:
@@ -237,29 +252,44 @@ def flatten(rows: List) -> List[Dict]:
     return [r for item in rows for r in (item if isinstance(item, list) else [item])]
 
 
-def report(config: dict, rows: List, study_dir: str, probe: Optional[dict] = None) -> Dict:
-    """Write study.json, the report and the W&B study run; return the study."""
+def report(config: dict, rows: List, store=None, probe: Optional[dict] = None, html_out: Optional[str] = None) -> Dict:
+    """Write study.json, the report and the W&B study run into the study's store (a RunStore or
+    location; None: `<output_dir>/<run_id>`), then seal it; return the study. `html_out`: also
+    copy report.html there (the pipeline's HTML artifact)."""
     from components import report as report_html
     from components import tracking
 
     rows = flatten(rows)
-    study_dir = storage.local_path(study_dir)
     config = resolved(config, rows)
+    store = run_store.open_run(config, store)
     study = summarize(config, rows, probe)
     cfg = parse_config(config)
-    # written now because the report is rendered from the study directory, exactly as
-    # pipelines.report rebuilds it; written again below with where the report and W&B runs went
-    storage.write_json(study_dir / STUDY_FILE, study)
-    study["report"] = str(report_html.render([report_html.load_study(study_dir)], study_dir))
+    with storage.scratch_dir(f"study_report-{cfg.run_id}-") as scratch:
+        # the runs' metrics through their manifests, so the report is drawn from the study's files
+        # exactly as pipelines.report rebuilds it
+        for row in rows:
+            run = store.child(row["run_dir"])
+            manifest = run.read_manifest()
+            if manifest is not None and "metrics.jsonl" in manifest["files"]:
+                run.fetch(scratch / row["run_dir"], ["metrics.jsonl"])
+        storage.write_json(scratch / STUDY_FILE, study)
+        written = report_html.render([report_html.load_study(scratch)], scratch)
+        study["report"] = join_uri(store.uri, written.name)
+        if html_out:
+            shutil.copyfile(written, html_out)
 
-    tracker = tracking.Tracker(cfg.tracking, study_dir, cfg.run_id, "study", config, group=study["wandb_group"])
-    tracker.summarize({"fit/" + k: v for k, v in study["fit"].items() if v is not None}
-                      | {"answer": "\n".join(study["answer"])})
-    study["wandb_dir"] = tracker.offline_dir
-    if tracking.follows_live(cfg.tracking):
-        study["wandb_report"] = publish_wandb_report(study, cfg.tracking.project)
-    tracker.finish()
-    storage.write_json(study_dir / STUDY_FILE, study)
+        tracker = tracking.Tracker(cfg.tracking, scratch, cfg.run_id, "study", config, group=study["wandb_group"])
+        tracker.summarize({"fit/" + k: v for k, v in study["fit"].items() if v is not None}
+                          | {"answer": "\n".join(study["answer"])})
+        study["wandb_dir"] = tracker.offline_dir and join_uri(store.uri, Path(tracker.offline_dir)
+                                                              .relative_to(scratch).as_posix())
+        if tracking.follows_live(cfg.tracking):
+            study["wandb_report"] = publish_wandb_report(study, cfg.tracking.project)
+        tracker.finish()
+        storage.write_json(scratch / STUDY_FILE, study)  # again: with where the report and W&B runs went
+        store.sync(scratch, [k for k in run_store.local_files(scratch) if not k.startswith(RUNS_DIR + "/")])
+    store.seal({"kind": "study", "run_id": cfg.run_id, "status": "completed",
+                "data_version": study.get("data_version"), "runs": len(rows)})
     return study
 
 
@@ -281,7 +311,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="resolved config (YAML or JSON) with pipeline=study")
     parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
-    parser.add_argument("--study-dir", required=True)
+    parser.add_argument("--study-dir", required=True, help="the study's store (a directory or s3://)")
     parser.add_argument("--probe", help="probe.json: its recommendation centres the default batch ladder")
     args = parser.parse_args(argv)
     from components import probe as probe_step

@@ -1,6 +1,9 @@
 """Step 2: train. Trains the model on the dataset artifact with gradient accumulation and
-early stopping (components/training.py), writes the best weights, metrics.jsonl and
-checkpoints. Re-running with the same run directory resumes from the last checkpoint.
+early stopping (components/training.py) in its own scratch directory, and keeps the run's files
+in its store (`<output_dir>/<run_id>/`, local or s3://, components/run_store.py):
+metrics.jsonl and checkpoints/last.pt at every checkpoint, then model.pt and the W&B offline
+run at the end. A run whose store holds a checkpoint resumes from it (a KFP retry, a preempted
+pod, a second submit with the same run_id); `resume_from` names another run to start from.
 
     python -m components.train --config config.yaml --dataset dataset/ --model-out model.pt --run-dir runs/r1 \
         [--probe probe.json]
@@ -12,81 +15,131 @@ from typing import Optional
 
 import torch
 
-from components import datasets, lineage, models, storage, tracking, training
+from components import datasets, lineage, models, run_store, storage, tracking, training
 from components.config import config_hash, for_dataset, load_config_file, parse_config
 from components.cpu import configure_threads
-from components.errors import exit_on_user_error
+from components.errors import ConfigError, StorageError, exit_on_user_error
+from components.run_record import SUMMARY_FILE
+from components.run_store import RunStore, join_uri
 from components.tracking import Tracker
 
-MODEL_FILE = "model.pt"  # in the run directory: the best weights with their metadata
+MODEL_FILE = "model.pt"  # in the run's store: the best weights with their metadata
+PROGRESS = [training.METRICS, training.CHECKPOINT]  # synced in this order: the rows never fall behind a checkpoint
 
 
-def run(config: dict, dataset_path: str, model_out: str, run_dir: str, progress: Optional[bool] = None,
+def run(config: dict, dataset_path: str, model_out: str, store=None, progress: Optional[bool] = None,
         on_step=None) -> dict:
-    """Train on the dataset artifact; write model.pt (the best weights) unless no evaluation was
-    finite, metrics.jsonl and checkpoints into run_dir. The outcome's `status` is "completed"
-    or "diverged" (then `divergence` says which rule, where, and what to try)."""
+    """Train on the dataset artifact; write model.pt (the best weights, to `model_out` and the
+    store) unless no evaluation was finite. `store`: the run's RunStore or location (a local
+    path or s3://); None: `<output_dir>/<run_id>` of the config. The outcome's `status` is
+    "completed" or "diverged" (then `divergence` says which rule, where, and what to try)."""
     data = datasets.load(Path(dataset_path))
     config = for_dataset(config, data.manifest)
     cfg = parse_config(config)
     configure_threads(cfg.train)
-    run_dir = storage.local_path(run_dir)
+    store = run_store.open_run(config, store)
+    run_id = cfg.run_id or Path(store.uri).name
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, data.input_shape, data.output_dim)
     run_lineage = lineage.collect(cfg, data.manifest)  # W&B config, model.pt and (via evaluate) summary.json
+    identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
 
-    def start_tracker() -> Tracker:
-        return Tracker(cfg.tracking, run_dir, cfg.run_id or run_dir.name, "train",
-                       {**config, "data_version": data.data_version, "config_hash": config_hash(cfg),
-                        "lineage": run_lineage})
+    with storage.scratch_dir(f"train-{run_id}-") as scratch:
+        resumed = restore_checkpoint(store, cfg, identity, scratch)
+        if resumed:
+            print(f"train: resuming from {resumed}", flush=True)
+        store.unpublish()  # its files are about to change: not visible until evaluate seals it again
 
-    def tracker_after_training() -> Tracker:
-        # Offline (and disabled) the W&B run starts after training and gets metrics.jsonl
-        # replayed: its service process would otherwise compete with the training it times
-        # (measured on 2 cores: steps up to 10x slower).
-        after = start_tracker()
-        metrics_path = run_dir / training.METRICS
-        if after.run is not None and metrics_path.exists():
-            tracking.replay(after, storage.read_jsonl(metrics_path))
-        return after
+        def start_tracker() -> Tracker:
+            return Tracker(cfg.tracking, scratch, run_id, "train",
+                           {**config, "data_version": data.data_version, "config_hash": identity["config_hash"],
+                            "lineage": run_lineage})
 
-    tracker = start_tracker() if tracking.follows_live(cfg.tracking) else None  # online: W&B follows live
-    try:
-        # the trainer refuses a run directory holding another run before anything is written there
-        trainer = training.Trainer(model, data, cfg, run_dir, tracker, progress=progress, on_step=on_step)
-        plan = trainer.plan
-        progress_summary = {"run_id": cfg.run_id, "planned_steps": plan.max_steps,
-                            "steps_per_epoch": plan.steps_per_epoch, "data_version": data.data_version}
-        storage.write_json(run_dir / "summary.json", {**progress_summary, "status": "running"})
-        result = trainer.fit()
-    except BaseException:
-        (tracker or tracker_after_training()).finish(failed=True)
-        raise
-    storage.write_json(run_dir / "summary.json", {
-        **progress_summary, "status": "trained" if result.status == "completed" else result.status,
-        "stop_reason": result.stop_reason, "optimizer_steps": result.optimizer_steps})
-    tracker = tracker or tracker_after_training()
-    outcome = {**result.to_dict(), "data_version": data.data_version, "config_hash": config_hash(cfg),
-               "wandb_dir": tracker.offline_dir, "task": data.task, "lineage": run_lineage,
-               "model_file": str(run_dir / MODEL_FILE) if result.best_metric["value"] is not None else None}
-    tracker.summarize({k: v for k, v in outcome.items() if k not in ("best_metric", "divergence", "lineage")}
-                      | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
-    tracker.finish(failed=result.status != "completed")
+        def tracker_after_training() -> Tracker:
+            # Offline (and disabled) the W&B run starts after training and gets metrics.jsonl
+            # replayed: its service process would otherwise compete with the training it times
+            # (measured on 2 cores: steps up to 10x slower).
+            after = start_tracker()
+            metrics_path = scratch / training.METRICS
+            if after.run is not None and metrics_path.exists():
+                tracking.replay(after, storage.read_jsonl(metrics_path))
+            return after
 
-    if outcome["model_file"] is None:  # no finite evaluation: there is no best model to save
-        print(f"train: no model saved: {result.divergence['detail']}", flush=True)
-        return outcome
+        def note(status: str, **more) -> None:  # the progress note readers follow (pipelines/progress.py)
+            storage.write_json(scratch / SUMMARY_FILE, {**progress_summary, "status": status, **more})
+            store.sync(scratch, [SUMMARY_FILE, *(k for k in PROGRESS if (scratch / k).exists())])
+
+        tracker = start_tracker() if tracking.follows_live(cfg.tracking) else None  # online: W&B follows live
+        try:
+            trainer = training.Trainer(model, data, cfg, scratch, tracker, progress=progress, on_step=on_step,
+                                       on_checkpoint=lambda: store.sync(scratch, PROGRESS))
+            plan = trainer.plan
+            progress_summary = {"run_id": cfg.run_id, "planned_steps": plan.max_steps,
+                                "steps_per_epoch": plan.steps_per_epoch, "data_version": data.data_version}
+            note("running")
+            result = trainer.fit()
+        except BaseException:
+            (tracker or tracker_after_training()).finish(failed=True)
+            raise
+        tracker = tracker or tracker_after_training()
+        outcome = {**result.to_dict(), "data_version": data.data_version, "config_hash": identity["config_hash"],
+                   "wandb_dir": tracker.offline_dir and join_uri(store.uri, Path(tracker.offline_dir)
+                                                                 .relative_to(scratch).as_posix()),
+                   "task": data.task, "lineage": run_lineage,
+                   "model_file": join_uri(store.uri, MODEL_FILE) if result.best_metric["value"] is not None else None}
+        tracker.summarize({k: v for k, v in outcome.items() if k not in ("best_metric", "divergence", "lineage")}
+                          | {"best/" + result.best_metric["name"]: result.best_metric["value"]})
+        tracker.finish(failed=result.status != "completed")
+        store.sync(scratch, run_store.local_files(scratch, "wandb"))
+
+        if outcome["model_file"] is None:  # no finite evaluation: there is no best model to save
+            print(f"train: no model saved: {result.divergence['detail']}", flush=True)
+        else:
+            save_model(model, config, cfg, data, identity, run_lineage, result, Path(model_out))
+            store.put_file(Path(model_out), MODEL_FILE)
+        note("trained" if result.status == "completed" else result.status, stop_reason=result.stop_reason,
+             optimizer_steps=result.optimizer_steps)
+    return outcome
+
+
+def restore_checkpoint(store: RunStore, cfg, identity: dict, scratch: Path) -> Optional[str]:
+    """Copy the run's synced checkpoint and metrics.jsonl into scratch (the Trainer resumes from
+    a local checkpoint), else resume_from's; the location it came from, or None for a new run."""
+    sources = [("run_id", store)]
+    if cfg.resume_from:
+        sources.append(("resume_from", RunStore.open(cfg.resume_from, store.settings)))
+    for key, source in sources:
+        if not source.exists(training.CHECKPOINT):
+            continue
+        where = join_uri(source.uri, training.CHECKPOINT)
+        if not source.exists(training.METRICS):
+            raise StorageError(f"{where}: stored without its metrics.jsonl; the run cannot resume from it, "
+                               f"choose another {key}")
+        source.get_file(training.METRICS, scratch / training.METRICS)
+        source.get_file(training.CHECKPOINT, scratch / training.CHECKPOINT)
+        # mmap: only what is read here leaves the disk (the Trainer loads the whole checkpoint)
+        checkpoint = torch.load(scratch / training.CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        for name, value in identity.items():  # the hash is the versioned one: no paths of either machine
+            if checkpoint[name] != value:
+                raise ConfigError(f"{key}: {source.uri} holds a run with a different {name} "
+                                  f"({checkpoint[name]} != {value}); it cannot be resumed with this config and data")
+        if (scratch / training.METRICS).stat().st_size < checkpoint["metrics_offset"]:
+            raise StorageError(f"{where}: its metrics.jsonl is shorter than the checkpoint's rows; the stored copy "
+                               f"is incomplete, choose another {key}")
+        return source.uri
+    return None
+
+
+def save_model(model, config: dict, cfg, data, identity: dict, run_lineage: dict, result, path: Path) -> None:
     checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": config,
-                  "data_version": data.data_version, "config_hash": config_hash(cfg), "lineage": run_lineage,
+                  "data_version": data.data_version, "config_hash": identity["config_hash"], "lineage": run_lineage,
                   "input_shape": list(data.input_shape), "output_dim": data.output_dim,
                   "best_metric": result.best_metric, "status": result.status,
                   # what a prediction needs to go from raw features to the target's own units
                   "task": data.task, "classes": data.manifest["classes"],
                   "normalization": data.manifest["normalization"],
                   "target_scale": data.manifest.get("target_scale")}
-    storage.save_torch(checkpoint, run_dir / MODEL_FILE)
-    storage.save_torch(checkpoint, Path(model_out))
-    return outcome
+    storage.save_torch(checkpoint, path)
 
 
 def load_model(path: Path):
@@ -104,7 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="resolved config (YAML or JSON)")
     parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
     parser.add_argument("--model-out", required=True, help="where to write the best model")
-    parser.add_argument("--run-dir", required=True, help="run directory: metrics, checkpoints, summary")
+    parser.add_argument("--run-dir", required=True, help="the run's store (a directory or s3://): metrics, "
+                                                         "checkpoints, summary")
     parser.add_argument("--probe", help="probe.json (from the probe step) deciding 'auto' batch sizes")
     args = parser.parse_args(argv)
     config = load_config_file(args.config)
@@ -113,7 +167,7 @@ def main(argv=None) -> None:
 
         config = probe.apply(config, storage.read_json(args.probe))
     outcome = run(config, args.dataset, args.model_out, args.run_dir)
-    storage.write_json(Path(args.run_dir) / "train_result.json", outcome)
+    run_store.open_run(config, args.run_dir).put_json("train_result.json", outcome)
 
 
 if __name__ == "__main__":

@@ -236,16 +236,19 @@ class Trainer:
     Only rank 0 writes (metrics.jsonl, checkpoints); every rank trains its shard of each
     window. With `run_dir`, calling `fit()` again on the same directory resumes from the last
     checkpoint. `progress=None` shows a bar only on a terminal. `on_step(step)` runs after
-    every optimizer step.
+    every optimizer step, `on_checkpoint()` after every checkpoint is written (the train step
+    syncs it to the run's store).
     """
 
     def __init__(self, model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
                  tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
-                 on_step: Optional[Callable[[int], None]] = None, rank: int = 0):
+                 on_step: Optional[Callable[[int], None]] = None, rank: int = 0,
+                 on_checkpoint: Optional[Callable[[], None]] = None):
         if cfg.eval.monitor is None or cfg.data.task is None:  # decided by the data (components.config.for_dataset)
             cfg = parse_config(for_dataset(cfg.to_dict(), data.manifest))
         t, e = cfg.train, cfg.eval
         self.cfg, self.data, self.tracker, self.on_step, self.progress = cfg, data, tracker, on_step, progress
+        self.on_checkpoint = on_checkpoint
         self.device = resolve_device(t.device)
         self.x_train, self.y_train = (torch.as_tensor(a).to(self.device) for a in data.split("train"))
         self.x_val, self.y_val = (torch.as_tensor(a).to(self.device) for a in data.split("val"))
@@ -304,6 +307,8 @@ class Trainer:
                                 "metrics_offset": self.log.offset() if self.log else 0}, self.checkpoint_path)
         finally:
             self.state.wall_time_s = before  # elapsed() adds this process's time to it
+        if self.on_checkpoint:
+            self.on_checkpoint()
 
     def elapsed(self) -> float:
         return self.state.wall_time_s + time.perf_counter() - self.t0

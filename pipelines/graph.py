@@ -2,7 +2,13 @@
 
 train: resolve_data -> data_prep -> probe -> train -> evaluate
 study: resolve_data -> data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
+
+The one parameter is the resolved config as JSON; its default is the config compiled in, with no
+run id: each run's id is decided when it runs (KFP's job id, passed to every step that keeps
+files), so every run a schedule starts gets its own outputs, checkpoints and W&B runs.
 """
+
+import json
 
 from kfp import dsl
 
@@ -12,9 +18,17 @@ TRAIN_PIPELINE = "convergence-train"
 STUDY_PIPELINE = "convergence-study"
 
 
+JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # resolved by KFP (and by kfp's local runner) for each run
+
+
 def build_pipeline(config: dict):
     """The pipeline that `config["pipeline"]` names, for a resolved config."""
     return {"train": train_pipeline, "study": study_pipeline}[config["pipeline"]](config)
+
+
+def compiled_config(config: dict) -> str:
+    """config_json's default in the compiled pipeline: never a run id (see the module's doc)."""
+    return json.dumps({**config, "run_id": None})
 
 
 def _gpu_request(config: dict):
@@ -36,16 +50,15 @@ def _prepare_data(steps, config_json):
     return steps.data_prep(config_json=config_json, data_source=resolved.output)
 
 
-def _probe(steps, on_gpu, config_json, run_dir, prep):
-    probe = on_gpu(steps.probe(config_json=config_json, run_dir=run_dir, dataset=prep.outputs["dataset"]))
+def _probe(steps, on_gpu, config_json, prep):
+    probe = on_gpu(steps.probe(config_json=config_json, job_id=JOB_ID, dataset=prep.outputs["dataset"]))
     probe.set_caching_options(False)  # measures this hardware now
     return probe
 
 
 def train_pipeline(config: dict):
-    """The training pipeline for a resolved config. Its parameters: the config as one JSON
-    string, and the run directory every step writes its outputs to. The probe task exists
-    when `probe.enabled`; otherwise the batch sizes come from the config as numbers."""
+    """The training pipeline for a resolved config. The probe task exists when `probe.enabled`;
+    otherwise the batch sizes come from the config as numbers."""
     steps = make_steps(config["platform"]["image"])
     on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]
@@ -53,20 +66,20 @@ def train_pipeline(config: dict):
 
     @dsl.pipeline(name=TRAIN_PIPELINE, description="data_prep -> probe -> train -> evaluate: the batch that fits "
                   "and is worth it, gradient accumulation, early stopping")
-    def pipeline(config_json: str, run_dir: str):
+    def pipeline(config_json: str = compiled_config(config)):
         prep = _prepare_data(steps, config_json)
         if probe_enabled:
-            probe = _probe(steps, on_gpu, config_json, run_dir, prep)
+            probe = _probe(steps, on_gpu, config_json, prep)
             batch, micro, decision = (probe.outputs[k] for k in ("batch_size", "micro_batch_size", "decision"))
         else:
             batch, micro, decision = fixed["batch_size"], fixed["micro_batch_size"], ""
-        train = on_gpu(steps.train(config_json=config_json, run_dir=run_dir, batch_size=batch,
+        train = on_gpu(steps.train(config_json=config_json, job_id=JOB_ID, batch_size=batch,
                                    micro_batch_size=micro, dataset=prep.outputs["dataset"]))
-        evaluate = steps.evaluate(config_json=config_json, run_dir=run_dir, train_result=train.outputs["Output"],
+        evaluate = steps.evaluate(config_json=config_json, job_id=JOB_ID, train_result=train.outputs["Output"],
                                   probe_decision=decision, dataset=prep.outputs["dataset"],
                                   model=train.outputs["model"])
         for task in (train, evaluate):
-            task.set_caching_options(False)  # they write into run_dir; train resumes from it
+            task.set_caching_options(False)  # they keep files in the run's store; train resumes from it
 
     return pipeline
 
@@ -82,15 +95,17 @@ def study_pipeline(config: dict):
 
     @dsl.pipeline(name=STUDY_PIPELINE, description="steps, samples and time to target across batch sizes; "
                   "the critical batch size; a report")
-    def pipeline(config_json: str, run_dir: str):
+    def pipeline(config_json: str = compiled_config(config)):
         prep = _prepare_data(steps, config_json)
-        decision = _probe(steps, on_gpu, config_json, run_dir, prep).outputs["decision"] if probe_enabled else ""
-        plan = steps.study_plan(config_json=config_json, probe_decision=decision, dataset=prep.outputs["dataset"])
+        decision = _probe(steps, on_gpu, config_json, prep).outputs["decision"] if probe_enabled else ""
+        plan = steps.study_plan(config_json=config_json, job_id=JOB_ID, probe_decision=decision,
+                                dataset=prep.outputs["dataset"])
+        plan.set_caching_options(False)  # its entries name this run's study id
         with dsl.ParallelFor(items=plan.output, parallelism=config["study"]["parallelism"]) as run:
-            trained = on_gpu(steps.study_run(run_json=run, study_dir=run_dir, dataset=prep.outputs["dataset"]))
-            trained.set_caching_options(False)  # writes into run_dir; resumes from its checkpoints
-        report = steps.study_report(config_json=config_json, study_dir=run_dir, rows=dsl.Collected(trained.output),
+            trained = on_gpu(steps.study_run(run_json=run, dataset=prep.outputs["dataset"]))
+            trained.set_caching_options(False)  # keeps its runs in the study's store; resumes from their checkpoints
+        report = steps.study_report(config_json=config_json, job_id=JOB_ID, rows=dsl.Collected(trained.output),
                                     probe_decision=decision)
-        report.set_caching_options(False)
+        report.set_caching_options(False)  # seals the study
 
     return pipeline

@@ -1,10 +1,12 @@
 """Run a pipeline on this machine with kfp's local SubprocessRunner: the same graph and the
 same component code as on a cluster, each task in its own Python process.
 
-kfp's runner prints every task's log; all of it goes to <run_dir>/pipeline.log (without
-kfp's colour codes) and the terminal shows a status line per step instead (pipelines/progress.py).
-On failure the user gets the step's one-line error (components.errors) or the last line of
-its traceback, and the path of the full log.
+kfp's runner prints every task's log; all of it goes to pipeline.log in the run's local
+directory (pipelines/outputs.py: local_dir; without kfp's colour codes) and the terminal shows a
+status line per step instead (pipelines/progress.py). On failure the user gets the step's
+one-line error (components.errors) or the last line of its traceback, and the path of the full
+log. kfp's task artifacts and the tasks' temp files (where each step makes its scratch
+directory) go to that directory's .kfp/: on this machine, never in the run's store.
 
 Two things differ from kfp's defaults, on purpose:
 - ParallelFor iterations run one at a time, in this thread. kfp's local runner fans them out on
@@ -32,6 +34,7 @@ from types import SimpleNamespace
 from typing import Callable, Optional
 from unittest import mock
 
+from pipelines.outputs import KFP_DIR
 from pipelines.progress import LogTap, Tracker, make_display, strip_ansi
 
 LOG_FILE = "pipeline.log"
@@ -131,25 +134,29 @@ class _TaskProcesses:
         return self._interrupts.process
 
 
-def run_locally(pipeline: Callable, arguments: dict, run_dir: Path, progress: bool = True) -> None:
+def run_locally(pipeline: Callable, arguments: dict, local_dir: Path, progress: bool = True,
+                follow: Optional[Path] = None) -> None:
+    """Run the pipeline; `follow`: the run's store when it is a local directory, whose synced
+    progress files the status lines show (None: step names and their lines only)."""
     from kfp import local
     from kfp.local import subprocess_task_handler
     from kfp.local.orchestrator import enhanced_dag_orchestrator
 
-    # Artifacts land in the run directory, not in a pipeline_root relative to the cwd.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
+    # Artifacts land in the run's local directory, not in a pipeline_root relative to the cwd.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_dir / KFP_DIR),
                raise_on_error=True)
     display = make_display(sys.stdout) if progress else None
-    tracker = Tracker(run_dir, display)
+    tracker = Tracker(follow, display)
     interrupts = _Interrupts(tracker)
-    # Each task copies its code into a fresh temp dir; keep those with the run, not in /tmp.
-    task_tmp = run_dir / "kfp" / "tmp"
+    # Each task copies its code into a fresh temp dir and makes its scratch directory there:
+    # keep those with the run, not in /tmp.
+    task_tmp = local_dir / KFP_DIR / "tmp"
     task_tmp.mkdir(parents=True, exist_ok=True)
     sequential = SimpleNamespace(futures=SimpleNamespace(ThreadPoolExecutor=_OneAtATime,
                                                          as_completed=concurrent.futures.as_completed))
     root_handlers = logging.getLogger().handlers[:]
     with ExitStack() as stack:
-        log = stack.enter_context(open(run_dir / LOG_FILE, "a"))
+        log = stack.enter_context(open(local_dir / LOG_FILE, "a"))
         tap = LogTap(log, tracker)
         # kfp's messages, warnings and tracebacks (its own threads included) stay in the log.
         stack.enter_context(redirect_stdout(tap))

@@ -5,7 +5,9 @@ kfp's colour codes and hands each line to a `Tracker`. The tracker knows which s
 "Executing task" / "Task ... finished" lines), the latest progress line the step printed
 ("<step>: <what is happening>", e.g. "probe: memory trial 2: ..."), the step's one-line error
 (components.errors.ERROR_MARKER) or the last line of its traceback, and, for a training step,
-the run's steps from its metrics.jsonl and how it ended from its summary.json.
+the run's steps from its metrics.jsonl and how it ended from its summary.json: the copies the
+train step syncs to a local run's store at start, at every checkpoint and at the end (a run in
+s3:// shows its steps' lines only).
 
 A terminal gets a live status line per step (spinner, elapsed time, the latest line or the
 training bar) that turns into a tick and the seconds when the step is done; anything else
@@ -25,7 +27,7 @@ from components.study import RUNS_DIR  # a study's runs: <run_dir>/runs/<name>/
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 _TASK_START = re.compile(r" - INFO - Executing task '([^']+)'")
 _TASK_END = re.compile(r" - [A-Z]+ - Task '([^']+)' finished with status (\w+)")
-_STEP_LINE = re.compile(r"^\s*((?:data_prep|probe|train|evaluate|study)\w*): (.+)$")
+_STEP_LINE = re.compile(r"^\s*((?:resolve_data|data_prep|probe|train|evaluate|study)\w*): (.+)$")
 TRAINING_STEPS = ("train", "study_run")
 _FINAL = {"train": ("trained", "diverged"), "study_run": ("trained", "diverged", "completed")}
 
@@ -140,8 +142,8 @@ class Step:
 class Tracker:
     """Turns the runner's log lines into steps; tells the display what changed."""
 
-    def __init__(self, run_dir: Path, display=None):
-        self.run_dir, self.display = Path(run_dir), display
+    def __init__(self, run_dir: Optional[Path], display=None):
+        self.run_dir, self.display = run_dir and Path(run_dir), display
         self.steps: List[Step] = []
         self.current: Optional[Step] = None
         self.lock = threading.RLock()
@@ -168,7 +170,7 @@ class Tracker:
         """Follow the training run of a training step (the run dir, or a study's run)."""
         with self.lock:
             step = step or self.current
-            if step is None or step.name not in TRAINING_STEPS:
+            if step is None or step.name not in TRAINING_STEPS or self.run_dir is None:
                 return
             if step.name == "train" and not step.trainings:
                 step.trainings.append(Training(self.run_dir))

@@ -1,6 +1,11 @@
 """Thin KFP component wrappers: each calls one `components.<step>.run` and moves typed
 artifacts in and out. Imports live inside the bodies because KFP ships each function's
-source alone into its container; the image (Dockerfile) has this package installed."""
+source alone into its container; the image (Dockerfile) has this package installed.
+
+A step that keeps files gets `job_id`, KFP's id of the pipeline run (pipelines/graph.py passes
+its run-time placeholder): the run id when the config names none (components.config.with_run_id).
+Its files go to the run's store, `<output_dir>/<run_id>/` (components/run_store.py), and
+nothing else passes between steps but artifacts and parameters."""
 
 import functools
 from types import SimpleNamespace
@@ -36,34 +41,35 @@ def data_prep(config_json: str, data_source: str, dataset: Output[Dataset]):
                              "task": manifest["task"]})
 
 
-def probe(config_json: str, run_dir: str, dataset: Input[Dataset], report: Output[Artifact]) -> NamedTuple(
+def probe(config_json: str, job_id: str, dataset: Input[Dataset], report: Output[Artifact]) -> NamedTuple(
         "ProbeDecision", [("batch_size", int), ("micro_batch_size", int), ("decision", str)]):
     import json
     import math
     from collections import namedtuple
 
     from components import probe
+    from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        result = probe.run(json.loads(config_json), dataset.path, report.path, run_dir)
+        result = probe.run(with_run_id(json.loads(config_json), job_id), dataset.path, report.path)
     choice = result["recommendation"]
     report.metadata.update({k: v for k, v in choice.items() if isinstance(v, (int, float)) and math.isfinite(v)})
     outputs = namedtuple("ProbeDecision", ["batch_size", "micro_batch_size", "decision"])
     return outputs(choice["effective_batch_size"], choice["micro_batch_size"], json.dumps(probe.decision(result)))
 
 
-def train(config_json: str, run_dir: str, batch_size: int, micro_batch_size: int, dataset: Input[Dataset],
+def train(config_json: str, job_id: str, batch_size: int, micro_batch_size: int, dataset: Input[Dataset],
           model: Output[Model], metrics: Output[Metrics]) -> str:
     import json
 
     from components import storage, train
-    from components.config import with_batch_sizes
+    from components.config import with_batch_sizes, with_run_id
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        config = with_batch_sizes(json.loads(config_json), batch_size, micro_batch_size)
-        outcome = train.run(config, dataset.path, model.path, run_dir)
+        config = with_batch_sizes(with_run_id(json.loads(config_json), job_id), batch_size, micro_batch_size)
+        outcome = train.run(config, dataset.path, model.path)
 
     for key in ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
                 "accumulation_steps", "lr", "steps_to_target"):
@@ -77,18 +83,21 @@ def train(config_json: str, run_dir: str, batch_size: int, micro_batch_size: int
     return storage.dumps(outcome)
 
 
-def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: str, dataset: Input[Dataset],
+def evaluate(config_json: str, job_id: str, train_result: str, probe_decision: str, dataset: Input[Dataset],
              model: Input[Model], metrics: Output[Metrics]) -> str:
+    """The train pipeline's last step: it seals the run (its manifest, written last)."""
     import json
     import math
 
     from components import evaluate, storage
+    from components.config import with_run_id
     from components.errors import user_errors_as_one_line
     from components.run_record import RunRecord
 
     with user_errors_as_one_line():
-        summary = evaluate.run(json.loads(config_json), dataset.path, model.path, json.loads(train_result), run_dir,
-                               json.loads(probe_decision) if probe_decision else None)
+        summary = evaluate.run(with_run_id(json.loads(config_json), job_id), dataset.path, model.path,
+                               json.loads(train_result), probe_decision=json.loads(probe_decision)
+                               if probe_decision else None)
     for key, value in summary["test"].items():
         if isinstance(value, (int, float)) and math.isfinite(value):  # protobuf JSON refuses NaN
             metrics.log_metric(f"test/{key}", value)
@@ -97,45 +106,51 @@ def evaluate(config_json: str, run_dir: str, train_result: str, probe_decision: 
     return storage.dumps(summary)
 
 
-def study_plan(config_json: str, probe_decision: str, dataset: Input[Dataset]) -> List[str]:
+def study_plan(config_json: str, job_id: str, probe_decision: str, dataset: Input[Dataset]) -> List[str]:
+    """The entries carry the study id (the run id) and where its store is."""
     import json
     from pathlib import Path
 
     from components import storage, study
+    from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
         manifest = storage.read_json(Path(dataset.path) / "manifest.json")
-        entries = study.plan(json.loads(config_json), manifest["counts"]["train"],
+        entries = study.plan(with_run_id(json.loads(config_json), job_id), manifest["counts"]["train"],
                              json.loads(probe_decision) if probe_decision else None, manifest)
     print("study_plan: batch sizes " + ", ".join(str(e["batch_size"]) for e in entries), flush=True)
     return [json.dumps(entry) for entry in entries]
 
 
-def study_run(run_json: str, study_dir: str, dataset: Input[Dataset]) -> str:
-    """One batch size's runs (its LR search, run by run); returns their rows as a JSON list."""
+def study_run(run_json: str, dataset: Input[Dataset]) -> str:
+    """One batch size's runs (its LR search, run by run), each into its own store inside the
+    study's; returns their rows as a JSON list."""
     import json
 
     from components import storage, study
+    from components.errors import user_errors_as_one_line
 
-    rows = study.run_batch(json.loads(run_json), dataset.path, study_dir)
+    with user_errors_as_one_line():  # the study's store refusing: one line (a run's own failure is its row)
+        rows = study.run_batch(json.loads(run_json), dataset.path)
     for row in rows:
         if row["status"] == "failed":
             print(f"study_run: run {row['name']} failed: {row['error']}", flush=True)
     return storage.dumps(rows)
 
 
-def study_report(config_json: str, study_dir: str, rows: List[str], probe_decision: str, report: Output[HTML]) -> str:
+def study_report(config_json: str, job_id: str, rows: List[str], probe_decision: str, report: Output[HTML]) -> str:
+    """The study pipeline's last step: it seals the study."""
     import json
-    import shutil
 
     from components import study
+    from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
     with user_errors_as_one_line():
-        result = study.report(json.loads(config_json), [json.loads(r) for r in rows], study_dir,
-                              json.loads(probe_decision) if probe_decision else None)
-    shutil.copyfile(result["report"], report.path)  # shown in the KFP UI
+        result = study.report(with_run_id(json.loads(config_json), job_id), [json.loads(r) for r in rows],
+                              probe=json.loads(probe_decision) if probe_decision else None,
+                              html_out=report.path)  # the HTML artifact: shown in the KFP UI
     return json.dumps({k: result[k] for k in ("study_id", "fit", "best", "answer")})
 
 

@@ -4,13 +4,17 @@
     python -m pipelines.submit train.batch_size=256 train.micro_batch_size=64 eval.target=0.95
     python -m pipelines.submit data=file data.path=my.csv data.target=label
     python -m pipelines.submit run_id=my-run                    # run again to resume it
+    python -m pipelines.submit resume_from=s3://bucket/runs/r1  # a new run from another run's checkpoint
+    python -m pipelines.submit output_dir=s3://bucket/runs storage.endpoint_url=http://minio:9000
     python -m pipelines.submit --compile-only                   # just write the pipeline YAML
     python -m pipelines.submit pipeline=study                   # compare batch sizes: the convergence study
 
 Overrides are Hydra's (key=value, group=option, +key=value), before or after the flags. Outputs
-go to <output_dir>/<run_id>/: config.yaml, pipeline.yaml, pipeline.log, metrics.jsonl, model.pt,
-summary.json, checkpoints/, wandb/ and kfp/ (the task artifacts). A study writes study.json,
-report.html and its PNGs, probe.json, and a directory per run under runs/.
+go to <output_dir>/<run_id>/ (a local directory or s3://): config.yaml, pipeline.yaml,
+pipeline.log, metrics.jsonl, model.pt, summary.json, checkpoints/, wandb/, and manifest.json,
+written last: the run is complete once it is there. A study writes study.json, report.html and
+its PNGs, probe.json, and a directory per run under runs/. kfp's task artifacts and the lock stay
+on this machine (pipelines/outputs.py: local_dir).
 
 Exit status: 0 done; 2 bad config or data, or a failed step (one line says why); 3 the run
 diverged (the summary says where and what to try); 130 interrupted (Ctrl-C; the run resumes).
@@ -23,22 +27,23 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from components import dvc_source, storage
 from components.config import config_hash, parse_config
-from components.errors import ConfigError, DataError, UserInputError
-from components.run_record import RunRecord
-from components.study import RUNS_DIR, STUDY_FILE
-from pipelines import graph
+from components.errors import ConfigError, DataError, StorageError, UserInputError
+from components.run_record import SUMMARY_FILE, RunRecord
+from components.run_store import RunStore, is_remote, run_uri, settings_of
+from pipelines import graph, outputs
 from pipelines.config import compose_config, config_groups
 from pipelines.local import LOG_FILE, PipelineFailed, PipelineInterrupted, run_locally
 from pipelines.progress import strip_ansi
 from pipelines.runlock import RunLock
 
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
-SUMMARY_FILE = "summary.json"
+CONFIG_FILE, PIPELINE_FILE = "config.yaml", "pipeline.yaml"
 
 
 def new_run_id() -> str:
@@ -46,11 +51,15 @@ def new_run_id() -> str:
 
 
 def prepare(overrides) -> tuple:
-    """Config -> (resolved config dict, run directory). Local paths become absolute because
-    the steps run in other processes (and, on a cluster, other machines)."""
+    """Config -> (resolved config dict, the run's store, its local directory). A run started here
+    gets a readable new id when none is given (the compiled pipeline carries none: graph.py).
+    Local paths become absolute because the steps run in other processes (and, on a cluster,
+    other machines)."""
     config = compose_config(overrides)
     config["run_id"] = config["run_id"] or new_run_id()
-    config["output_dir"] = str(storage.local_path(config["output_dir"]).resolve())
+    for key in ("output_dir", "resume_from"):
+        if config[key] and not is_remote(config[key]):
+            config[key] = str(storage.local_path(config[key], key).resolve())
     data = config["data"]
     if data["name"] == "file" and "://" not in data["path"]:  # s3:// is resolved at run time
         data["path"] = str(Path(data["path"]).resolve())
@@ -60,7 +69,8 @@ def prepare(overrides) -> tuple:
         data["repo"] = dvc_source.absolute_repo(data["repo"])
         if not dvc_source.is_url(data["repo"]):  # its rev, path and remote checked now (~30 ms); the
             dvc_source.resolve(data, config.get("storage") or {})  # version is resolved when the run starts
-    return config, Path(config["output_dir"]) / config["run_id"]
+    store = RunStore.open(run_uri(config), settings_of(config))
+    return config, store, outputs.local_dir(config["output_dir"], config["run_id"])
 
 
 def check_device(config: dict) -> None:
@@ -75,121 +85,85 @@ def check_device(config: dict) -> None:
                           "use train.device=auto or cpu")
 
 
-def lock_run(config: dict, run_dir: Path) -> RunLock:
-    """The run directory's first write, so an output_dir we cannot write to fails before any work."""
+def lock_run(config: dict, local: Path) -> RunLock:
+    """The local directory's first write, so an output_dir we cannot write to fails before any work."""
     try:
-        return RunLock(run_dir, config["run_id"]).acquire()
+        return RunLock(local, config["run_id"]).acquire()
     except OSError as exc:
+        if is_remote(config["output_dir"]):
+            raise ConfigError(f"XDG_STATE_HOME: cannot write to {local.parent} (a run in s3:// keeps its lock and "
+                              f"kfp's task artifacts there): {exc.strerror or exc}") from None
         raise ConfigError(f"output_dir: cannot write to {config['output_dir']}: {exc.strerror or exc}") from None
 
 
-def check_same_run(config: dict, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.exists():  # same run id: resume, but only the same computation
-        before = config_hash(parse_config(yaml.safe_load(saved.read_text())))
-        if before != config_hash(parse_config(config)):
-            raise ConfigError(f"run_id: {config['run_id']} already exists in {run_dir.parent} with a different "
-                              "config; choose another run_id to start a new run")
-    if _status(run_dir) in ("failed", "interrupted"):
-        (run_dir / SUMMARY_FILE).unlink()  # that attempt's note; this attempt writes its own
+def check_same_run(config: dict, saved: Optional[dict]) -> None:
+    """Same run id: resume, but only the same computation. Both configs come from this kind of
+    submit (data.version unknown yet), so their hashes include the data's location; resuming on
+    another machine is resume_from, checked by the train step on the versioned hash."""
+    if saved is not None and config_hash(parse_config(saved)) != config_hash(parse_config(config)):
+        raise ConfigError(f"run_id: {config['run_id']} already exists in {config['output_dir']} with a different "
+                          "config; choose another run_id to start a new run")
 
 
-def _status(run_dir: Path):
-    try:
-        return storage.read_json(run_dir / SUMMARY_FILE).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+def check_resume_from(config: dict) -> None:
+    """A run to resume from must hold a checkpoint: said now, not after data_prep and the probe."""
+    from components.training import CHECKPOINT
+
+    uri = config["resume_from"]
+    if uri and not RunStore.open(uri, settings_of(config)).exists(CHECKPOINT):
+        raise ConfigError(f"resume_from: {uri} holds no {CHECKPOINT}; name a run's location, "
+                          "<output_dir>/<run_id>, that has checkpointed")
 
 
-def compile_pipeline(config: dict, package_path: Path):
+def begin_attempt(config: dict, store: RunStore) -> None:
+    """The store's first use (a missing bucket or an unreachable endpoint fails here, in one line,
+    before any work). An existing run is hidden while this attempt changes its files."""
+    check_same_run(config, yaml.safe_load(store.get_bytes(CONFIG_FILE)) if store.exists(CONFIG_FILE) else None)
+    check_resume_from(config)
+    if store.is_published():
+        store.unpublish()
+    elif outputs.status(store) in ("failed", "interrupted"):
+        store.delete(SUMMARY_FILE)  # that attempt's note; this attempt writes its own
+
+
+def save_submit_files(config: dict, pipeline_config: dict, local: Path, store: Optional[RunStore]):
+    """config.yaml and the compiled pipeline.yaml, into the local directory and (for a run) the store."""
     from kfp import compiler
 
-    pipeline = graph.build_pipeline(config)
-    package_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline, str(package_path))
+    storage.write_text(local / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+    pipeline = graph.build_pipeline(pipeline_config)
+    compiler.Compiler().compile(pipeline, str(local / PIPELINE_FILE))
+    if store is not None:
+        for name in (CONFIG_FILE, PIPELINE_FILE):
+            store.put_file(local / name, name)
     return pipeline
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
-    """The run's summary.json (a RunRecord) as a table; any field may be missing or null."""
-    from rich.console import Console
-    from rich.table import Table
-
-    r = RunRecord.from_dict(summary)
-
-    def fmt(value, digits=4):
-        if value is None:
-            return "-"
-        return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-    best = r.best_metric or {}
-    rows = [
-        ("effective batch", f"{fmt(r.effective_batch_size)} = {fmt(r.micro_batch_size)} micro x "
-                            f"{fmt(r.accumulation_steps)} accumulation x {fmt(r.world_size)} process"),
-        ("learning rate", f"{fmt(r.lr)} ({r.optimizer or '-'})"),
-        ("optimizer steps", fmt(r.optimizer_steps)),
-        ("epochs", fmt(r.epochs, 3)),
-        ("samples seen", fmt(r.samples_seen)),
-        ("wall time (train)", "-" if r.wall_time_s is None else f"{r.wall_time_s:.2f} s"),
-        ("best validation", "- (no finite evaluation)" if best.get("value") is None else
-         f"{best.get('name')} = {fmt(best['value'])} at step {fmt(best.get('step'))}"),
-        ("test", ", ".join(f"{k} {fmt(v)}" for k, v in r.test.items() if isinstance(v, (int, float))) or "-"),
-        ("to target", "-" if r.steps_to_target is None else
-         f"{r.target} in {r.steps_to_target} steps, {fmt(r.samples_to_target)} samples, "
-         + ("-" if r.time_to_target_s is None else f"{r.time_to_target_s:.2f} s")),
-        ("stop reason", fmt(r.stop_reason)),
-        ("noise scale", "-" if r.gns_b_simple is None or r.status == "diverged" else
-         f"B_simple ~ {r.gns_b_simple:,.0f} at the end of training"),
-        ("data version", fmt(r.data_version)),
-    ]
-    if r.task_inferred:
-        rows.insert(0, ("task", f"{r.task} (inferred from the target; set data.task to choose)"))
-    if r.status not in (None, "completed"):
-        rows.insert(0, ("status", str(r.status)))
-    if r.resumed_from_step is not None:
-        rows.append(("resumed from step", str(r.resumed_from_step)))
-    if r.oom_events:
-        rows.append(("out of memory", "; ".join(f"step {e['step']}: micro-batch {e['from']} -> {e['to']}"
-                                                  for e in r.oom_events)))
-    if r.probe:
-        rows.append(("probe", "\n".join(r.probe.get("reasoning") or [])))
-    table = Table(title=f"run {r.run_id}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
-    print(f"run directory: {run_dir}")  # plain prints: paths must not be wrapped
-    if r.wandb_dir:
-        print(f"W&B (offline): upload later with `wandb sync {r.wandb_dir}`")
+def store_log(store: RunStore, local: Path) -> None:
+    """pipeline.log into the store; a sealed run is sealed again, so its manifest lists the log."""
+    store.put_file(local / LOG_FILE, LOG_FILE)
+    manifest = store.read_manifest()
+    if manifest is not None:
+        store.seal(outputs.published_extra(manifest))
 
 
-def print_study(study: dict, study_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def save_note(store: RunStore, local: Path, note: dict) -> None:
+    """A failed or interrupted attempt's summary.json (and its log): here, and in the store when it
+    answers (when the store is what failed, the local copies are what is left)."""
+    storage.write_json(local / SUMMARY_FILE, note)
+    try:
+        store.put_file(local / SUMMARY_FILE, SUMMARY_FILE)
+        if (local / LOG_FILE).exists():
+            store.put_file(local / LOG_FILE, LOG_FILE)
+    except StorageError:
+        pass
 
-    def med(spread, fmt="{:,.0f}"):
-        return "-" if spread is None else fmt.format(spread["median"])
 
-    t = study["target"]
-    table = Table(title=f"study {study['study_id']}: to {t['metric']} {t['value']:g}", title_justify="left")
-    for column in ("batch", "lr", "hit", "steps", "samples", "epochs", "time s", "test", "regime"):
-        table.add_column(column, justify="left" if column == "regime" else "right")
-    for b in study["batches"]:
-        test = b["test_metric"]
-        table.add_row(str(b["batch_size"]), f"{b['lr']:.3g}" if b["lr"] else "-", f"{b['reached']}/{b['seeds']}",
-                      med(b["steps_to_target"]), med(b["samples_to_target"]), med(b["epochs_to_target"], "{:.2g}"),
-                      med(b["time_to_target_s"], "{:.2f}"), f"{test['mean']:.4g}" if test else "-", b["regime"] or "-")
-    console = Console(width=None if sys.stdout.isatty() else 110)  # rich assumes 80 columns in logs
-    console.print(table)
-    for line in study["answer"]:
-        print(f"- {line}")
-    print(f"report: {study_dir / 'report.html'}")  # plain prints: paths must not be wrapped
-    if study.get("wandb_dir"):
-        print(f"W&B (offline, group {study['study_id']}): upload later with "
-              f"`wandb sync {study_dir}/wandb/offline-run-* {study_dir}/{RUNS_DIR}/*/wandb/offline-run-*`")
-    if study.get("wandb_report"):
-        print(f"W&B report: {study['wandb_report']}")
+def _status(store: RunStore) -> Optional[str]:
+    try:
+        return outputs.status(store)
+    except StorageError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,38 +191,43 @@ def resume_command(run_id: str, overrides) -> str:
     return " ".join(["python -m pipelines.submit", f"run_id={run_id}", *map(shlex.quote, kept)])
 
 
-def _interrupted(config, run_dir, step, overrides) -> int:
+def _interrupted(config, store, local, step, overrides) -> int:
     if config is None:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     resume = resume_command(config["run_id"], overrides)
     # (a finished run's summary stays: Ctrl-C while its table was printing changes nothing)
-    if (run_dir / "config.yaml").exists() and _status(run_dir) not in ("completed", "diverged"):
-        storage.write_json(run_dir / SUMMARY_FILE, {"run_id": config["run_id"], "status": "interrupted",
-                                                     "step": step, "resume": resume})
+    if (local / CONFIG_FILE).exists() and _status(store) not in ("completed", "diverged"):
+        save_note(store, local, {"run_id": config["run_id"], "status": "interrupted", "step": step, "resume": resume})
     print(f"interrupted{f' during {step}' if step else ''}; resume with: {resume}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
-def _failed(config, run_dir, exc: PipelineFailed) -> int:
-    summary_path = run_dir / SUMMARY_FILE
-    if _status(run_dir) == "diverged":  # a step that stops on divergence: report it as such
-        return _diverged(storage.read_json(summary_path), run_dir)
-    # The run directory keeps config, compiled pipeline and log; no data or model was written.
+def _failed(config, store, local, exc: PipelineFailed) -> int:
+    if _status(store) == "diverged":  # a step that stops on divergence: report it as such
+        return _diverged(outputs.read_summary(store), store.uri)
+    # The run keeps config, compiled pipeline and log; it is not published (no manifest).
     message = strip_ansi(str(exc))
-    storage.write_json(summary_path, {"run_id": config["run_id"], "status": "failed", "error": message})
+    save_note(store, local, {"run_id": config["run_id"], "status": "failed", "error": message})
     print(f"error: {message}", file=sys.stderr)
-    if exc.traceback:
-        print(f"full traceback in {run_dir / LOG_FILE}", file=sys.stderr)
-    else:
-        print(f"full log: {run_dir / LOG_FILE}", file=sys.stderr)
+    print(f"{'full traceback in' if exc.traceback else 'full log:'} {local / LOG_FILE}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 
-def _diverged(summary: dict, run_dir: Path) -> int:
-    print_summary(summary, run_dir)
+def _diverged(summary: dict, where: str) -> int:
+    outputs.print_summary(summary, where)
     print(RunRecord.from_dict(summary).divergence_line(), file=sys.stderr)
     return EXIT_DIVERGED
+
+
+def compile_only(config: dict, local: Path) -> int:
+    """The pipeline for a cluster, written here only (it is not a run): its config carries no run id."""
+    saved = local / CONFIG_FILE
+    check_same_run(config, yaml.safe_load(saved.read_text()) if saved.exists() else None)
+    save_submit_files(config, config, local, None)
+    print(f"compiled the {config['pipeline']} pipeline to {local / PIPELINE_FILE} (each run of it gets its own "
+          "run id when it starts)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -257,45 +236,45 @@ def main(argv=None) -> int:
         print("error: --cfg hydra: there is no Hydra app config here (submit only composes the config); "
               "--cfg job prints the resolved config", file=sys.stderr)
         return EXIT_USER_ERROR
-    config = run_dir = lock = None
+    config = store = local = lock = None
     try:
-        config, run_dir = prepare(args.overrides)
+        config, store, local = prepare(args.overrides)
         if args.print_config or args.cfg:
             print(yaml.safe_dump(config, sort_keys=False), end="")
             return 0
         if not args.compile_only:
             check_device(config)
-        lock = lock_run(config, run_dir)
-        check_same_run(config, run_dir)
-        storage.write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        pipeline = compile_pipeline(config, run_dir / "pipeline.yaml")
+        lock = lock_run(config, local)
         if args.compile_only:
-            print(f"compiled the {config['pipeline']} pipeline to {run_dir / 'pipeline.yaml'}")
-            return 0
+            return compile_only(config, local)
+        begin_attempt(config, store)
+        pipeline = save_submit_files(config, config, local, store)
         probe = "probe -> " if config["probe"]["enabled"] else ""
-        steps = f"data_prep -> {probe}" + ("train -> evaluate" if config["pipeline"] == "train" else
-                                           "an LR search per batch size -> report")
+        steps = f"resolve_data -> data_prep -> {probe}" + ("train -> evaluate" if config["pipeline"] == "train" else
+                                                           "an LR search per batch size -> report")
+        where = f"outputs: {store.uri}, " if is_remote(store.uri) else ""
         print(f"{config['pipeline']} {config['run_id']}: {steps} with kfp's local runner "
-              f"(log: {run_dir / LOG_FILE})", flush=True)
-        run_locally(pipeline, {"config_json": json.dumps(config), "run_dir": str(run_dir)}, run_dir,
-                    progress=not args.no_progress)
+              f"({where}log: {local / LOG_FILE})", flush=True)
+        run_locally(pipeline, {"config_json": json.dumps(config)}, local, progress=not args.no_progress,
+                    follow=None if is_remote(store.uri) else local)
+        store_log(store, local)
         if config["pipeline"] == "study":
-            print_study(storage.read_json(run_dir / STUDY_FILE), run_dir)
+            outputs.print_study(outputs.read_study(store), store.uri)
             return 0
-        summary = storage.read_json(run_dir / SUMMARY_FILE)
+        summary = outputs.read_summary(store)
         if summary.get("status") == "diverged":
-            return _diverged(summary, run_dir)
-        print_summary(summary, run_dir)
+            return _diverged(summary, store.uri)
+        outputs.print_summary(summary, store.uri)
         return 0
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except PipelineFailed as exc:
-        return _failed(config, run_dir, exc)
+        return _failed(config, store, local, exc)
     except PipelineInterrupted as exc:
-        return _interrupted(config, run_dir, exc.step, args.overrides)
+        return _interrupted(config, store, local, exc.step, args.overrides)
     except KeyboardInterrupt:  # outside the pipeline: composing, compiling
-        return _interrupted(config, run_dir, None, args.overrides)
+        return _interrupted(config, store, local, None, args.overrides)
     finally:
         if lock is not None:
             lock.release()

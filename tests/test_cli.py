@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from components import storage
+from components.run_store import RunStore
 from pipelines import local, submit
 from pipelines.config import CONF_DIR
 from pipelines.progress import LiveDisplay, LogTap, PlainDisplay, Tracker, strip_ansi
@@ -235,8 +236,11 @@ DIVERGED = {"run_id": "dv", "status": "diverged", "stop_reason": "non_finite_los
 
 @pytest.mark.parametrize("how", ["summary", "failed step"])
 def test_a_diverged_run_prints_its_summary_and_exits_3(tmp_path, capsys, monkeypatch, how):
-    def fake_run(pipeline, arguments, run_dir, progress=True):
-        storage.write_json(run_dir / "summary.json", DIVERGED)
+    def fake_run(pipeline, arguments, local_dir, progress=True, follow=None):
+        (local_dir / "pipeline.log").write_text("the tasks' log\n")
+        store = RunStore.open(str(local_dir))  # a local run: its directory is its store
+        store.put_json("summary.json", DIVERGED)
+        store.seal({"status": "diverged"})  # as evaluate seals a diverged run
         if how == "failed step":
             raise local.PipelineFailed("evaluate: no finite evaluation", "evaluate")
 

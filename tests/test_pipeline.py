@@ -1,5 +1,6 @@
 """The real pipeline graph, compiled by kfp and run end to end by kfp's local runner."""
 
+import json
 import logging
 
 import numpy as np
@@ -9,7 +10,7 @@ import yaml
 
 from components import storage
 from components.example_data import PROJECT_ROOT
-from pipelines import submit
+from pipelines import outputs, submit
 
 SUMMARY_FIELDS = {
     "run_id", "status", "stop_reason", "effective_batch_size", "micro_batch_size", "accumulation_steps",
@@ -40,7 +41,13 @@ def test_compiled_pipeline_has_the_four_steps_in_order(tmp_path):
                                                                  "producerTask": "probe"}
     component = spec["components"]["comp-train"]["inputDefinitions"]["parameters"]
     assert component["batch_size"]["parameterType"] == "NUMBER_INTEGER"
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json", "run_dir"}
+    # one parameter, the config, compiled in without a run id: each run's id is KFP's job id, at run time
+    (param,) = spec["root"]["inputDefinitions"]["parameters"].values()
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json"}
+    assert json.loads(param["defaultValue"])["run_id"] is None
+    for step in ("probe", "train", "evaluate"):
+        assert tasks[step]["inputs"]["parameters"]["job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert "job_id" not in tasks["data-prep"]["inputs"]["parameters"]  # its cache key stays the data's and config's
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"reg/img:1"}
     assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
@@ -105,7 +112,12 @@ def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     model = storage.load_torch(run_dir / "model.pt")
     assert model["data_version"] == summary["data_version"] and model["config"]["run_id"] == "default"
     assert model["lineage"] == summary["lineage"] and summary["lineage"]["data"]["version"] == summary["data_version"]
-    assert list((run_dir / "kfp").rglob("manifest.json"))  # task artifacts stay inside the run
+    assert list((run_dir / outputs.KFP_DIR).rglob("manifest.json"))  # task artifacts: the local runner's, beside the run
+    manifest = storage.read_json(run_dir / "manifest.json")  # written last, over every step's files
+    assert (manifest["kind"], manifest["status"], manifest["lineage"]) == ("run", "completed", summary["lineage"])
+    assert {"config.yaml", "pipeline.yaml", "pipeline.log", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
+            "checkpoints/last.pt"} <= set(manifest["files"])
+    assert not any(key.startswith(".") for key in manifest["files"])  # not the lock, not kfp's artifacts
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "probe", "train"]
     assert list((run_dir / "wandb").glob("offline-run-*train/run-*.wandb"))
@@ -177,4 +189,4 @@ def test_bad_data_in_the_pipeline_gives_one_line_and_no_partial_output(tmp_path,
     run_dir = tmp_path / "out" / "bad"
     assert storage.read_json(run_dir / "summary.json") == {"run_id": "bad", "status": "failed", "error": err[0][7:]}
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "model.pt").exists()
-    assert not list((run_dir / "kfp").rglob("manifest.json"))
+    assert not list((run_dir / outputs.KFP_DIR).rglob("manifest.json")) and not (run_dir / "manifest.json").exists()

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from components import report, report_plots
+from components.run_store import RunStore
 from components.errors import DataError
 from pipelines import report as report_cli
 
@@ -96,6 +97,7 @@ def make_study(root, study_id="s1", fit_error=None, gns=True, scale=1.0):
                       "samples": {"batch_size": 32, "samples_to_target": 5000}},
              "answer": [f"[{study_id}] {a}" for a in ANSWER]}
     (study_dir / "study.json").write_text(json.dumps(study))
+    RunStore.open(str(study_dir)).seal({"kind": "study"})  # published, as the study's report step does
     return study_dir
 
 
@@ -262,6 +264,7 @@ def make_bare_study(root):
         "study_id": "bare", "target": {"metric": "val/accuracy", "value": 0.9, "mode": "max"},
         "runs": [{"name": "r1", "run_dir": "runs/r1", "batch_size": None, "selected": True, "reached_target": False}],
         "batches": [], "fit": None, "probe": None, "answer": None}))
+    RunStore.open(str(study_dir)).seal({"kind": "study"})
     return study_dir
 
 

@@ -14,6 +14,7 @@ import requests
 
 from components.config import StorageConfig, config_hash, parse_config
 from components.errors import ERROR_MARKER, ConfigError, StorageError, user_errors_as_one_line
+from components import run_store
 from components.run_store import MANIFEST, RunStore, is_remote, join_uri, split_s3
 from pipelines.config import compose_config
 from tests.conftest import config, free_port
@@ -170,6 +171,46 @@ def test_child_stores_have_their_own_manifests_inside_the_parents(store, tmp_pat
     assert sorted(study["files"]) == ["runs/b32-lr1x-s0/metrics.jsonl", "study.json"]
     assert run.read_manifest()["files"] == {"metrics.jsonl": entry(b"{}\n")}
     assert store.list("runs/") == ["runs/b32-lr1x-s0/manifest.json", "runs/b32-lr1x-s0/metrics.jsonl"]
+
+
+def test_seal_lists_what_several_steps_stored_and_read_published_verifies_it(store, tmp_path):
+    """The pipeline's way: each step stores its files (put, sync), the last step seals the run."""
+    scratch = write_run(tmp_path / "scratch")
+    store.put_file(scratch / "config.yaml", "config.yaml")  # submit
+    store.sync(scratch, ["metrics.jsonl", "checkpoints/last.pt"])  # train, at a checkpoint
+    store.sync(scratch, run_store.local_files(scratch, "wandb"))  # train, at the end
+    store.put_json("summary.json", {"status": "trained"})  # evaluate
+    run = store.child("runs/b32")  # a study's run, sealed on its own
+    run.put_bytes("metrics.jsonl", b"{}\n")
+    run.seal({"status": "completed"})
+    assert not store.is_published()  # stored is not visible
+
+    manifest = store.seal({"status": "completed", "lineage": {"data": "md5"}})
+    stored = {**RUN_FILES, "summary.json": b'{\n  "status": "trained"\n}\n', "runs/b32/metrics.jsonl": b"{}\n"}
+    assert manifest["files"] == {key: entry(data) for key, data in stored.items()}  # no manifest, not the run's
+    assert store.read_manifest() == manifest and manifest["status"] == "completed"
+    assert store.read_published("checkpoints/last.pt") == RUN_FILES["checkpoints/last.pt"]
+    assert run.read_manifest()["files"] == {"metrics.jsonl": entry(b"{}\n")}
+
+    overwrite_stored(store, "metrics.jsonl", b"rewritten")  # someone wrote around the store
+    with pytest.raises(StorageError, match="metrics.jsonl: checksum mismatch"):
+        store.read_published("metrics.jsonl")
+    with pytest.raises(StorageError, match="model.pt: not in the run's manifest"):
+        store.read_published("model.pt")
+    store.unpublish()  # a resumed run hides itself before its files change
+    assert not store.is_published() and store.exists("metrics.jsonl")
+    with pytest.raises(StorageError, match="not published"):
+        store.read_published("metrics.jsonl")
+
+
+def test_a_local_run_directory_s_hidden_entries_are_not_run_files(tmp_path):
+    """Beside a local run: the local runner's .lock and .kfp/ (task artifacts, the steps' scratch)."""
+    run_dir = write_run(tmp_path / "runs" / "r1", {"summary.json": b"{}", ".lock": b"pid",
+                                                   ".kfp/tmp/train-x/metrics.jsonl": b"scratch",
+                                                   "wandb/.hidden": b"x"})
+    store = RunStore.open(str(run_dir), settings())
+    assert store.list() == ["summary.json"] == run_store.local_files(run_dir)
+    assert list(store.seal()["files"]) == ["summary.json"]
 
 
 def test_a_local_store_publishing_its_own_directory_copies_nothing_onto_itself(tmp_path):

@@ -11,7 +11,7 @@ import yaml
 from components import data_prep, lr_search, storage, study
 from components.config import Config, parse_config
 from components.errors import ConfigError, DataError
-from pipelines import submit
+from pipelines import outputs, submit
 from pipelines.config import compose_config
 from study_helpers import PROBE, row, study_config
 
@@ -351,5 +351,5 @@ def test_contract_the_wandb_report_is_saved_with_the_study_panels_and_its_url_pr
     assert "gns/b_simple" in payload and "val/accuracy" in payload
     assert result["answer"][0].split(":")[0] in payload
 
-    submit.print_study({**result, "wandb_report": url}, tmp_path)
+    outputs.print_study({**result, "wandb_report": url}, str(tmp_path))
     assert "W&B report: https://wandb.example/convergence-pipeline/reports/r1" in capsys.readouterr().out
