@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench setup data clean
+.PHONY: run test bench setup data clean image
 
 setup: $(STAMP)
 
@@ -38,6 +38,19 @@ bench: $(STAMP)
 	$(PY) bench/study_vs_sweep.py
 	$(PY) bench/study_timing.py
 	# bench/probe_vs_lightning.py needs lightning in a separate venv (see its docstring)
+
+# The one image for every pipeline step (Dockerfile), tagged $(IMAGE), with the commit baked in for
+# lineage: GIT_DIRTY is true when a file the image copies (IMAGE_SOURCES, the Dockerfile's COPY
+# sources) differs from HEAD or is untracked. Needs Docker; nothing else here does.
+IMAGE ?= convergence-pipeline:latest
+DOCKER_PLATFORM ?= linux/amd64
+IMAGE_SOURCES := pyproject.toml constraints.txt components pipelines conf
+
+image:
+	$(if $(shell command -v docker),,$(error make image needs Docker: no `docker` on PATH (install Docker, or build the Dockerfile with another builder)))
+	@commit=$$(git rev-parse --verify HEAD 2>/dev/null) || { echo "make image: not a git checkout with a commit; the image records its commit for lineage" >&2; exit 1; }; \
+	if [ -n "$$(git status --porcelain --untracked-files=all -- $(IMAGE_SOURCES))" ]; then dirty=true; else dirty=false; fi; \
+	set -x; docker build --platform $(DOCKER_PLATFORM) --build-arg GIT_COMMIT=$$commit --build-arg GIT_DIRTY=$$dirty -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) runs
