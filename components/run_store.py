@@ -75,10 +75,11 @@ def is_run_file(key: str) -> bool:
 
 
 def local_files(local_dir: Path, under: str = "") -> List[str]:
-    """Every run file under local_dir (or its subdirectory `under`) as a key."""
+    """Every run file under local_dir (or its subdirectory `under`) as a key. Symlinks are left
+    out: W&B's (wandb/debug.log, latest-run) point at files listed already."""
     local_dir = Path(local_dir)
     top = local_dir / under if under else local_dir
-    keys = (p.relative_to(local_dir).as_posix() for p in top.rglob("*") if p.is_file())
+    keys = (p.relative_to(local_dir).as_posix() for p in top.rglob("*") if p.is_file() and not p.is_symlink())
     return sorted(k for k in keys if is_run_file(k))
 
 

@@ -36,6 +36,7 @@ from components.config import config_hash, parse_config
 from components.errors import ConfigError, DataError, StorageError, UserInputError
 from components.run_record import SUMMARY_FILE, RunRecord
 from components.run_store import RunStore, is_remote, run_uri, settings_of
+from components.study import RUNS_DIR
 from pipelines import graph, outputs
 from pipelines.config import compose_config, config_groups
 from pipelines.local import LOG_FILE, PipelineFailed, PipelineInterrupted, run_locally
@@ -106,11 +107,18 @@ def check_same_run(config: dict, saved: Optional[dict]) -> None:
 
 
 def check_resume_from(config: dict) -> None:
-    """A run to resume from must hold a checkpoint: said now, not after data_prep and the probe."""
+    """A run to resume from must hold a checkpoint (a study: runs): said now, not after data_prep
+    and the probe. Whether it is the same computation is the train step's check."""
     from components.training import CHECKPOINT
 
     uri = config["resume_from"]
-    if uri and not RunStore.open(uri, settings_of(config)).exists(CHECKPOINT):
+    if not uri:
+        return
+    source = RunStore.open(uri, settings_of(config))
+    if config["pipeline"] == "study" and not source.list(f"{RUNS_DIR}/"):
+        raise ConfigError(f"resume_from: {uri} holds no study runs ({RUNS_DIR}/); name a study's location, "
+                          "<output_dir>/<study id>")
+    if config["pipeline"] == "train" and not source.exists(CHECKPOINT):
         raise ConfigError(f"resume_from: {uri} holds no {CHECKPOINT}; name a run's location, "
                           "<output_dir>/<run_id>, that has checkpointed")
 
@@ -126,12 +134,13 @@ def begin_attempt(config: dict, store: RunStore) -> None:
         store.delete(SUMMARY_FILE)  # that attempt's note; this attempt writes its own
 
 
-def save_submit_files(config: dict, pipeline_config: dict, local: Path, store: Optional[RunStore]):
-    """config.yaml and the compiled pipeline.yaml, into the local directory and (for a run) the store."""
+def save_submit_files(config: dict, local: Path, store: Optional[RunStore]):
+    """config.yaml and the compiled pipeline.yaml (graph.py: no run id in it), into the local
+    directory and (for a run) the store."""
     from kfp import compiler
 
     storage.write_text(local / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
-    pipeline = graph.build_pipeline(pipeline_config)
+    pipeline = graph.build_pipeline(config)
     compiler.Compiler().compile(pipeline, str(local / PIPELINE_FILE))
     if store is not None:
         for name in (CONFIG_FILE, PIPELINE_FILE):
@@ -224,7 +233,7 @@ def compile_only(config: dict, local: Path) -> int:
     """The pipeline for a cluster, written here only (it is not a run): its config carries no run id."""
     saved = local / CONFIG_FILE
     check_same_run(config, yaml.safe_load(saved.read_text()) if saved.exists() else None)
-    save_submit_files(config, config, local, None)
+    save_submit_files(config, local, None)
     print(f"compiled the {config['pipeline']} pipeline to {local / PIPELINE_FILE} (each run of it gets its own "
           "run id when it starts)")
     return 0
@@ -248,7 +257,7 @@ def main(argv=None) -> int:
         if args.compile_only:
             return compile_only(config, local)
         begin_attempt(config, store)
-        pipeline = save_submit_files(config, config, local, store)
+        pipeline = save_submit_files(config, local, store)
         probe = "probe -> " if config["probe"]["enabled"] else ""
         steps = f"resolve_data -> data_prep -> {probe}" + ("train -> evaluate" if config["pipeline"] == "train" else
                                                            "an LR search per batch size -> report")

@@ -40,9 +40,11 @@ def digits():
 
 @pytest.fixture(autouse=True)
 def _tmp_cwd(tmp_path, monkeypatch):
-    """Anything a test forgets to direct (runs/, wandb/, kfp's local_outputs) lands in tmp_path."""
+    """Anything a test forgets to direct (runs/, wandb/, kfp's local_outputs, the local state of
+    runs in S3) lands in tmp_path."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # a run in s3:// keeps its lock and kfp's files there
 
 
 def free_port() -> int:
