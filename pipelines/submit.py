@@ -168,6 +168,13 @@ def save_note(store: RunStore, local: Path, note: dict) -> None:
         pass
 
 
+def _store_log_if_it_answers(store: RunStore, local: Path) -> None:
+    try:
+        store_log(store, local)
+    except (StorageError, OSError):  # the local log is kept either way
+        pass
+
+
 def _status(store: RunStore) -> Optional[str]:
     try:
         return outputs.status(store)
@@ -205,8 +212,9 @@ def _interrupted(config, store, local, step, overrides) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     resume = resume_command(config["run_id"], overrides)
-    # (a finished run's summary stays: Ctrl-C while its table was printing changes nothing)
-    if (local / CONFIG_FILE).exists() and _status(store) not in ("completed", "diverged"):
+    if _status(store) in ("completed", "diverged"):  # sealed before Ctrl-C: it stays, with its whole log
+        _store_log_if_it_answers(store, local)
+    elif (local / CONFIG_FILE).exists():
         save_note(store, local, {"run_id": config["run_id"], "status": "interrupted", "step": step, "resume": resume})
     print(f"interrupted{f' during {step}' if step else ''}; resume with: {resume}", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -214,6 +222,7 @@ def _interrupted(config, store, local, step, overrides) -> int:
 
 def _failed(config, store, local, exc: PipelineFailed) -> int:
     if _status(store) == "diverged":  # a step that stops on divergence: report it as such
+        _store_log_if_it_answers(store, local)
         return _diverged(outputs.read_summary(store), store.uri)
     # The run keeps config, compiled pipeline and log; it is not published (no manifest).
     message = strip_ansi(str(exc))

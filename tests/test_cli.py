@@ -220,6 +220,16 @@ def test_an_unexpected_exception_in_a_step_is_its_last_traceback_line(tmp_path):
     assert str(failure) == "model.factory: my:build raised ValueError: width must be even" and failure.traceback
 
 
+def test_resolve_data_s_line_is_its_done_line_s_detail(tmp_path):
+    buffer = io.StringIO()
+    tracker = _steps(tmp_path, ["10:00:00.000 - INFO - Executing task 'resolve-data'",
+                                "    resolve_data: data/digits.csv at efd84f1 of /repo (DVC): version abc.dir"])
+    tracker.display = PlainDisplay(buffer)
+    tracker.line("10:00:01.000 - INFO - Task 'resolve-data' finished with status SUCCESS")
+    assert re.fullmatch(r"resolve_data done in \d+\.\d s: data/digits.csv at efd84f1 of /repo \(DVC\): "
+                        r"version abc\.dir\n", buffer.getvalue())
+
+
 def test_strip_ansi_removes_kfp_colours():
     assert strip_ansi("Task \x1b[96m'train'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m") == \
         "Task 'train' finished with status SUCCESS"
