@@ -9,6 +9,8 @@ call `parse_config`, which applies the same schema and `validate`, so a step run
 import difflib
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -232,6 +234,18 @@ class StorageConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The model registry (components/registry.py): the champion in use and every promotion
+    decision; the promote step (components/promote.py) replaces the champion only when better."""
+
+    uri: Optional[str] = None  # a local directory or s3://bucket/prefix; null: <output_dir>/registry
+    # How much better (in the monitored test metric's units, towards eval.mode) a new model must be
+    # to replace the champion; 0: any improvement, a tie keeps the champion.
+    min_improvement: float = 0.0
+    wandb_artifact: str = "model"  # the W&B artifact every promoted/kept model is logged under
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -242,6 +256,7 @@ class Config:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     pipeline: str = "train"  # train: one run; study: compare batch sizes (conf/pipeline/)
     output_dir: str = "runs"  # a local path or s3://bucket/prefix; a run's files go to <output_dir>/<run_id>/
     # null: decided when the run starts (with_run_id); locally submit names a new one
@@ -484,6 +499,15 @@ def validate(cfg: Config) -> None:
     _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1; got {st.max_attempts}")
     for key in ("connect_timeout_s", "read_timeout_s"):
         _check(getattr(st, key) > 0, f"storage.{key}", f"must be > 0; got {getattr(st, key)}")
+    reg = cfg.registry
+    if reg.uri is not None:
+        scheme = reg.uri.partition("://")[0] if "://" in reg.uri else ""
+        _check(bool(reg.uri) and scheme in ("", "file", "s3"), "registry.uri",
+               f"a local directory or s3://bucket/prefix (or null: <output_dir>/registry); got {reg.uri!r}")
+    _check(math.isfinite(reg.min_improvement) and reg.min_improvement >= 0, "registry.min_improvement",
+           f"must be a finite number >= 0; got {reg.min_improvement}")
+    _check(re.fullmatch(r"[A-Za-z0-9_.-]+", reg.wandb_artifact) is not None, "registry.wandb_artifact",
+           f"W&B artifact names take letters, digits, '-', '_' and '.'; got {reg.wandb_artifact!r}")
     if cfg.run_id is not None:
         _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
@@ -510,7 +534,7 @@ def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
 
 
 # Keys that change where or how a run is recorded, not what it computes.
-_NOT_HASHED = ("run_id", "output_dir", "resume_from", "tracking", "platform", "storage")
+_NOT_HASHED = ("run_id", "output_dir", "resume_from", "tracking", "platform", "storage", "registry")
 
 
 # Where the data comes from: absolute paths of this machine, a branch that moves. Once the data's

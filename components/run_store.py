@@ -14,11 +14,13 @@ Keys are relative POSIX paths ("checkpoints/last.pt"); `child("runs/x")` is a st
 never a run file (a temp file, the local runner's `.lock` and `.kfp/` beside a local run).
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -317,6 +319,21 @@ class RunStore:
             self.get_file(key, Path(local_dir) / key, sha256=files[key]["sha256"])
         return manifest
 
+    # -- conditional writes: what components/registry.py builds its pointer and history on ----
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Store data at key only if nothing is there, atomically; False when something is (another
+        writer got there first). Readers never see part of it."""
+        raise NotImplementedError
+
+    def read_tagged(self, key: str) -> Optional[tuple]:
+        """(bytes, tag) of key, or None: the tag changes whenever the bytes are replaced (S3: the ETag)."""
+        raise NotImplementedError
+
+    def replace_bytes(self, key: str, data: bytes, tag: str) -> bool:
+        """Store data at key only if the object there still has `tag` (from read_tagged), atomically;
+        False when it changed or is gone."""
+        raise NotImplementedError
+
 
 def _parse_json(data: bytes, uri: str):
     try:
@@ -386,3 +403,37 @@ class LocalStore(RunStore):
 
     def delete(self, key: str) -> None:
         self._path(check_key(key)).unlink(missing_ok=True)
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        # write a temp file whole, then link it to the key: link(2) fails if the name exists, so
+        # of two creators exactly one wins, and the file appears complete
+        path = self._path(check_key(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.new"  # this writer's own: hidden, never listed
+        with storage.atomic_file(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.uploads[key] += 1
+        return True
+
+    def read_tagged(self, key: str) -> Optional[tuple]:
+        data = self._read(check_key(key))
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def replace_bytes(self, key: str, data: bytes, tag: str) -> bool:
+        # compare and replace under an exclusive lock on a hidden lock file beside the key (flock:
+        # one machine's processes; every replacer of this key goes through it)
+        path = self._path(check_key(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_tagged(key)
+            if current is None or current[1] != tag:
+                return False
+            self.put_bytes(key, data)
+        return True
