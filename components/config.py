@@ -28,7 +28,8 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 SCHEDULES = ("constant", "cosine")
 MODES = ("max", "min")
 TRACKING_MODES = ("offline", "online", "disabled")
-PLATFORMS = ("local",)
+PLATFORMS = ("local", "kubeflow")
+SCHEDULE_ACTIONS = ("pause", "resume", "delete", "list")
 PIPELINES = ("train", "study")
 DEVICES = ("auto", "cpu", "cuda")
 # What the evaluation computes, per task; `eval.monitor` must name one of these.
@@ -218,6 +219,24 @@ class PlatformConfig:
     name: str = "local"
     image: str = "convergence-pipeline:latest"
     gpu: GpuConfig = field(default_factory=GpuConfig)
+    # platform=kubeflow: submission to a KFP v2 server (pipelines/kubeflow.py, conf/platform/kubeflow.yaml)
+    host: Optional[str] = None  # the KFP API, e.g. https://kubeflow.example.com/pipeline
+    ui_host: Optional[str] = None  # where the printed links point; null: host
+    namespace: Optional[str] = None  # the profile namespace of a multi-user KFP; null: single-user
+    experiment: str = "convergence-pipeline"
+    # Credentials, the first that is present: a bearer token in $token_env, a session cookie
+    # ("name=value") in $cookie_env, the service-account token file kfp reads in a pod.
+    token_env: str = "KFP_TOKEN"
+    cookie_env: str = "KFP_COOKIE"
+    request_timeout_s: float = 10.0  # the first call (healthz): an unreachable host fails this fast
+    wait: bool = False  # follow the run to SUCCEEDED, FAILED, SKIPPED or CANCELED
+    wait_timeout_s: float = 21600.0
+    poll_interval_s: float = 15.0
+    dry_run: bool = False  # print what would be sent; contact nothing
+    # A 6-field cron, seconds first ("0 0 3 * * *": 03:00 every day, in the scheduler's time zone)
+    schedule: Optional[str] = None
+    schedule_name: Optional[str] = None  # null: <pipeline>-schedule; the same name replaces it
+    schedule_action: Optional[str] = None  # pause, resume, delete or list the named schedule
 
 
 @dataclass
@@ -489,6 +508,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.tracking.log_every_steps is None or cfg.tracking.log_every_steps > 0, "tracking.log_every_steps",
            f"must be > 0 or null; got {cfg.tracking.log_every_steps}")
     _one_of(cfg.platform.name, PLATFORMS, "platform.name")
+    if cfg.platform.name == "kubeflow":
+        validate_kubeflow(cfg.platform)
     _check(cfg.platform.gpu.count >= 0, "platform.gpu.count", f"must be >= 0; got {cfg.platform.gpu.count}")
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     st = cfg.storage
@@ -514,6 +535,35 @@ def validate(cfg: Config) -> None:
     for key, uri in (("output_dir", cfg.output_dir), ("resume_from", cfg.resume_from)):
         scheme = str(uri).partition("://")[0] if uri and "://" in str(uri) else ""
         _check(scheme in ("", "file", "s3"), key, f"a local path or s3://bucket/prefix; got {uri!r}")
+
+
+def validate_kubeflow(pf: PlatformConfig) -> None:
+    """platform=kubeflow's keys. The cron itself is checked by pipelines/schedules.py before submit
+    contacts the server (components never import pipelines)."""
+    _check(bool(pf.host), "platform.host", "required with platform=kubeflow: the KFP API's URL, "
+           "e.g. platform.host=https://kubeflow.example.com/pipeline")
+    _check(pf.host.startswith(("http://", "https://")), "platform.host",
+           f"must start with http:// or https://; got {pf.host!r}")
+    _check(pf.ui_host is None or pf.ui_host.startswith(("http://", "https://")), "platform.ui_host",
+           f"must start with http:// or https:// (or be null: the host); got {pf.ui_host!r}")
+    if pf.namespace is not None:  # a Kubernetes namespace is a DNS label: a typo fails here, not as a 403
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+        _check(0 < len(pf.namespace) <= 63 and set(pf.namespace) <= allowed and pf.namespace[0] != "-"
+               and pf.namespace[-1] != "-", "platform.namespace",
+               f"a Kubernetes namespace: lowercase letters, digits and '-', at most 63; got {pf.namespace!r}")
+    _check(bool(pf.experiment.strip()), "platform.experiment", "must not be empty")
+    for key in ("token_env", "cookie_env"):
+        _check(bool(getattr(pf, key)), f"platform.{key}", "the name of an environment variable")
+    for key in ("request_timeout_s", "wait_timeout_s", "poll_interval_s"):
+        _check(getattr(pf, key) > 0, f"platform.{key}", f"must be > 0; got {getattr(pf, key)}")
+    _check(pf.schedule_name is None or bool(pf.schedule_name.strip()), "platform.schedule_name",
+           "must not be empty (null: <pipeline>-schedule)")
+    if pf.schedule_action is not None:
+        _one_of(pf.schedule_action, SCHEDULE_ACTIONS, "platform.schedule_action")
+        _check(pf.schedule is None, "platform.schedule_action", "manages an existing schedule; "
+               "platform.schedule creates or replaces one: set one of them")
+    _check(not (pf.wait and (pf.schedule or pf.schedule_action)), "platform.wait",
+           "a schedule starts its runs later, so there is no run to wait for")
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:

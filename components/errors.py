@@ -21,6 +21,11 @@ class StorageError(UserInputError):
     """A run's durable storage refused or failed (missing bucket, credentials, endpoint, checksum)."""
 
 
+class ClusterError(UserInputError):
+    """A Kubeflow Pipelines server could not be reached, or refused or failed a request (the message
+    says what this submission created before it did, pipelines/kubeflow.py)."""
+
+
 # Printed by a failing step so that whoever ran it (a shell, kfp's local runner, a pod log)
 # can pick the one-line reason out of the log.
 ERROR_MARKER = "convergence-pipeline error:"
