@@ -36,8 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 from jsonschema import Draft4Validator
 
-SWAGGER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kfp-v2beta1" / \
-    "kfp_api_single_file.swagger.json"
+SWAGGER = Path(__file__).resolve().parent / "reference" / "kfp-v2beta1" / "kfp_api_single_file.swagger.json"
 PREFIX = "/apis/v2beta1"
 UPLOADS = (f"{PREFIX}/pipelines/upload", f"{PREFIX}/pipelines/upload_version")
 OPERATIONS = ("OPERATION_UNSPECIFIED", "EQUALS", "NOT_EQUALS", "GREATER_THAN", "GREATER_THAN_EQUALS", "LESS_THAN",
