@@ -535,6 +535,9 @@ def validate(cfg: Config) -> None:
     for key, uri in (("output_dir", cfg.output_dir), ("resume_from", cfg.resume_from)):
         scheme = str(uri).partition("://")[0] if uri and "://" in str(uri) else ""
         _check(scheme in ("", "file", "s3"), key, f"a local path or s3://bucket/prefix; got {uri!r}")
+        # "s3:/bucket" (one slash) is a local directory named "s3:" to the OS: almost always a typo
+        _check(not (uri and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", str(uri))), key,
+               f"{uri!r} looks like a URI with one slash; write s3://bucket/prefix (or ./{uri} for a local directory)")
 
 
 def validate_kubeflow(pf: PlatformConfig) -> None:
