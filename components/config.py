@@ -257,6 +257,7 @@ class RegistryConfig:
     """The model registry (components/registry.py): the champion in use and every promotion
     decision; the promote step (components/promote.py) replaces the champion only when better."""
 
+    enabled: bool = True  # false: the train pipeline has no promote step
     uri: Optional[str] = None  # a local directory or s3://bucket/prefix; null: <output_dir>/registry
     # How much better (in the monitored test metric's units, towards eval.mode) a new model must be
     # to replace the champion; 0: any improvement, a tie keeps the champion.
@@ -532,6 +533,9 @@ def validate(cfg: Config) -> None:
     if cfg.run_id is not None:
         _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
                f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
+        _check(cfg.run_id != "registry" or reg.uri is not None or not reg.enabled, "run_id",
+               "registry is where the model registry lives (<output_dir>/registry, registry.uri null); "
+               "choose another run_id")
     for key, uri in (("output_dir", cfg.output_dir), ("resume_from", cfg.resume_from)):
         scheme = str(uri).partition("://")[0] if uri and "://" in str(uri) else ""
         _check(scheme in ("", "file", "s3"), key, f"a local path or s3://bucket/prefix; got {uri!r}")

@@ -1,6 +1,6 @@
-"""Step 3: evaluate, the train pipeline's last step. Test metrics of the restored best model, the
-run's summary.json, and the seal: the manifest over everything the run's steps stored, written
-last, after which the run is visible (components/run_store.py).
+"""Step 3: evaluate. Test metrics of the restored best model, the run's summary.json, and the
+seal: the manifest over everything the run's steps stored, written last, after which the run is
+visible (components/run_store.py). promote (components/promote.py), when it follows, seals it again.
 
     python -m components.evaluate --config config.yaml --dataset dataset/ --model model.pt \
         --train-result runs/r1/train_result.json --run-dir runs/r1 [--probe probe.json]

@@ -15,6 +15,8 @@ The decision and its reason go to the registry's history, W&B (the model as an a
 
     python -m components.promote --config config.yaml --summary summary.json --model model.pt \
         --dataset dataset/ --run-dir runs/r1 [--out promotion.json]
+
+`publish` then puts the decision into the run's summary.json ("promotion") and seals the run again.
 """
 
 import argparse
@@ -29,7 +31,9 @@ import torch
 from components import datasets, metrics, run_store, storage
 from components.config import for_dataset, load_config_file, parse_config
 from components.errors import DataError, StorageError, exit_on_user_error
+from components.evaluate import manifest_extra
 from components.registry import Registry
+from components.run_record import SUMMARY_FILE
 from components.run_store import RunStore, join_uri
 from components.tracking import Tracker
 from components.train import MODEL_FILE, load_model
@@ -76,6 +80,17 @@ def run(config: dict, summary: dict, model_path: str, dataset_path: str, store=N
     print(f"promote: {result['reason']}", flush=True)
     track(cfg, config, run_id, result, candidate, store, data.data_version)
     return result
+
+
+def publish(summary: dict, result: dict, store: RunStore) -> dict:
+    """summary.json with the decision as "promotion", and the run sealed again (evaluate sealed it
+    before promote added its W&B files): the manifest lists every file. Returns the new summary."""
+    summary = {**summary, "promotion": result}
+    with storage.scratch_dir(f"promote-{result['run_id']}-") as scratch:
+        storage.write_json(scratch / SUMMARY_FILE, summary)
+        store.put_file(scratch / SUMMARY_FILE, SUMMARY_FILE)
+    store.seal(manifest_extra(summary))
+    return summary
 
 
 def ineligible(summary: dict, run_id: str, metric: str) -> Optional[str]:
@@ -239,10 +254,12 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True, help="model file (from train); unread for a run that did not complete")
     parser.add_argument("--dataset", required=True, help="dataset artifact directory (from data_prep)")
     parser.add_argument("--run-dir", required=True, help="the run's store (a directory or s3://)")
-    parser.add_argument("--out", help="where to write the decision (JSON), for summary.json's 'promotion'")
+    parser.add_argument("--out", help="where to write the decision (JSON), also summary.json's 'promotion'")
     args = parser.parse_args(argv)
-    result = run(load_config_file(args.config), storage.read_json(args.summary), args.model, args.dataset,
-                 args.run_dir)
+    config, summary = load_config_file(args.config), storage.read_json(args.summary)
+    store = run_store.open_run(config, args.run_dir)
+    result = run(config, summary, args.model, args.dataset, store)
+    publish(summary, result, store)
     if args.out:
         storage.write_json(Path(args.out), result)
 

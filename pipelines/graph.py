@@ -1,17 +1,24 @@
 """The pipeline graphs, built in one place.
 
-train: resolve_data -> data_prep -> probe -> train -> evaluate
+train: resolve_data -> data_prep -> probe -> train -> evaluate -> promote (when registry.enabled)
 study: resolve_data -> data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
 
 The one parameter is the resolved config as JSON; its default is the config compiled in, with no
 run id: each run's id is decided when it runs (KFP's job id, passed to every step that keeps
 files), so every run a schedule starts gets its own outputs, checkpoints and W&B runs.
+
+A platform.image given by digest (name@sha256:...) is passed to every task as
+CONVERGENCE_IMAGE_DIGEST, which lineage records (components/lineage.py: an image cannot know its
+own digest).
 """
 
 import json
+from types import SimpleNamespace
+from typing import Optional
 
 from kfp import dsl
 
+from components.lineage import IMAGE_DIGEST_ENV
 from pipelines.steps import make_steps
 
 TRAIN_PIPELINE = "convergence-train"
@@ -29,6 +36,24 @@ def build_pipeline(config: dict):
 def compiled_config(config: dict) -> str:
     """config_json's default in the compiled pipeline: never a run id (see the module's doc)."""
     return json.dumps({**config, "run_id": None})
+
+
+def image_digest(image: str) -> Optional[str]:
+    """"sha256:<hex>" of an image named by digest, else None."""
+    return "sha256:" + image.split("@sha256:", 1)[1] if "@sha256:" in image else None
+
+
+def _steps(config: dict) -> SimpleNamespace:
+    """The components in platform.image; each task carries the image's digest when it is known."""
+    steps = make_steps(config["platform"]["image"])
+    digest = image_digest(config["platform"]["image"])
+    if digest is None:
+        return steps
+
+    def pinned(component):
+        return lambda **kwargs: component(**kwargs).set_env_variable(IMAGE_DIGEST_ENV, digest)
+
+    return SimpleNamespace(**{name: pinned(component) for name, component in vars(steps).items()})
 
 
 def _gpu_request(config: dict):
@@ -58,14 +83,17 @@ def _probe(steps, on_gpu, config_json, prep):
 
 def train_pipeline(config: dict):
     """The training pipeline for a resolved config. The probe task exists when `probe.enabled`;
-    otherwise the batch sizes come from the config as numbers."""
-    steps = make_steps(config["platform"]["image"])
+    otherwise the batch sizes come from the config as numbers. promote (registry.enabled) runs
+    after evaluate has sealed the run: any decision is a success, so a diverged run (never
+    promoted) still ends as the submitter reports it."""
+    steps = _steps(config)
     on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]
     fixed = config["train"]
+    promote_enabled = config["registry"]["enabled"]
 
-    @dsl.pipeline(name=TRAIN_PIPELINE, description="data_prep -> probe -> train -> evaluate: the batch that fits "
-                  "and is worth it, gradient accumulation, early stopping")
+    @dsl.pipeline(name=TRAIN_PIPELINE, description="data_prep -> probe -> train -> evaluate -> promote: the batch "
+                  "that fits and is worth it, gradient accumulation, early stopping, champion/challenger")
     def pipeline(config_json: str = compiled_config(config)):
         prep = _prepare_data(steps, config_json)
         if probe_enabled:
@@ -80,6 +108,10 @@ def train_pipeline(config: dict):
                                   model=train.outputs["model"])
         for task in (train, evaluate):
             task.set_caching_options(False)  # they keep files in the run's store; train resumes from it
+        if promote_enabled:
+            promote = steps.promote(config_json=config_json, job_id=JOB_ID, evaluation=evaluate.outputs["Output"],
+                                    dataset=prep.outputs["dataset"], model=train.outputs["model"])
+            promote.set_caching_options(False)  # decides against the registry's champion of now
 
     return pipeline
 
@@ -89,7 +121,7 @@ def study_pipeline(config: dict):
     micro-batch; the plan's batch sizes fan out with ParallelFor (`study.parallelism` at once on
     a cluster), each task running its batch's LR search run by run (components/lr_search.py), and
     the report step collects their rows."""
-    steps = make_steps(config["platform"]["image"])
+    steps = _steps(config)
     on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]
 

@@ -115,6 +115,9 @@ def print_summary(summary: dict, where: str) -> None:
         table.add_row(name, value)
     Console().print(table)
     print(f"run directory: {where}")  # plain prints: paths must not be wrapped
+    promotion = summary.get("promotion")  # the promote step's decision (components/promote.py)
+    if promotion:
+        print(f"promotion: {'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']}")
     if r.wandb_dir:
         print(_wandb_sync(r.wandb_dir))
 

@@ -85,7 +85,7 @@ def train(config_json: str, job_id: str, batch_size: int, micro_batch_size: int,
 
 def evaluate(config_json: str, job_id: str, train_result: str, probe_decision: str, dataset: Input[Dataset],
              model: Input[Model], metrics: Output[Metrics]) -> str:
-    """The train pipeline's last step: it seals the run (its manifest, written last)."""
+    """It seals the run (its manifest, written last); promote, after it, seals it again."""
     import json
     import math
 
@@ -104,6 +104,25 @@ def evaluate(config_json: str, job_id: str, train_result: str, probe_decision: s
     if summary["status"] == "diverged":  # the run is not a result; the submitter exits non-zero
         print(f"evaluate: {RunRecord.from_dict(summary).divergence_line()}")
     return storage.dumps(summary)
+
+
+def promote(config_json: str, job_id: str, evaluation: str, dataset: Input[Dataset], model: Input[Model]) -> str:
+    """After evaluate has sealed the run: champion or not (components/promote.py), the decision
+    merged into summary.json as "promotion" and the run sealed again. Any decision is a success;
+    a diverged run is never promoted."""
+    import json
+
+    from components import promote, run_store, storage
+    from components.config import with_run_id
+    from components.errors import user_errors_as_one_line
+
+    with user_errors_as_one_line():
+        config = with_run_id(json.loads(config_json), job_id)
+        store = run_store.open_run(config)
+        summary = json.loads(evaluation)
+        result = promote.run(config, summary, model.path, dataset.path, store)
+        promote.publish(summary, result, store)
+    return storage.dumps(result)
 
 
 def study_plan(config_json: str, job_id: str, probe_decision: str, dataset: Input[Dataset]) -> List[str]:
@@ -161,5 +180,5 @@ def make_steps(image: str) -> SimpleNamespace:
     component = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
     return SimpleNamespace(resolve_data=component(resolve_data), data_prep=component(data_prep),
                            probe=component(probe), train=component(train),
-                           evaluate=component(evaluate), study_plan=component(study_plan),
+                           evaluate=component(evaluate), promote=component(promote), study_plan=component(study_plan),
                            study_run=component(study_run), study_report=component(study_report))

@@ -8,13 +8,15 @@
     python -m pipelines.submit output_dir=s3://bucket/runs storage.endpoint_url=http://minio:9000
     python -m pipelines.submit --compile-only                   # just write the pipeline YAML
     python -m pipelines.submit pipeline=study                   # compare batch sizes: the convergence study
+    python -m pipelines.submit platform=kubeflow platform.host=https://... output_dir=s3://bucket/runs data=digits
 
 Overrides are Hydra's (key=value, group=option, +key=value), before or after the flags. Outputs
 go to <output_dir>/<run_id>/ (a local directory or s3://): config.yaml, pipeline.yaml,
 pipeline.log, metrics.jsonl, model.pt, summary.json, checkpoints/, wandb/, and manifest.json,
 written last: the run is complete once it is there. A study writes study.json, report.html and
 its PNGs, probe.json, and a directory per run under runs/. kfp's task artifacts and the lock stay
-on this machine (pipelines/outputs.py: local_dir).
+on this machine (pipelines/outputs.py: local_dir). platform=kubeflow submits the compiled pipeline
+to a KFP server instead (pipelines/kubeflow.py); platform.wait prints the published run as here.
 
 Exit status: 0 done; 2 bad config or data, or a failed step (one line says why); 3 the run
 diverged (the summary says where and what to try); 130 interrupted (Ctrl-C; the run resumes).
@@ -35,9 +37,9 @@ from components import dvc_source, storage
 from components.config import config_hash, parse_config
 from components.errors import ConfigError, DataError, StorageError, UserInputError
 from components.run_record import SUMMARY_FILE, RunRecord
-from components.run_store import RunStore, is_remote, run_uri, settings_of
+from components.run_store import RunStore, is_remote, join_uri, run_uri, settings_of
 from components.study import RUNS_DIR
-from pipelines import graph, outputs
+from pipelines import graph, kubeflow, outputs
 from pipelines.config import compose_config, config_groups
 from pipelines.local import LOG_FILE, PipelineFailed, PipelineInterrupted, run_locally
 from pipelines.progress import strip_ansi
@@ -54,9 +56,12 @@ def new_run_id() -> str:
 def prepare(overrides) -> tuple:
     """Config -> (resolved config dict, the run's store, its local directory). A run started here
     gets a readable new id when none is given (the compiled pipeline carries none: graph.py).
-    Local paths become absolute because the steps run in other processes (and, on a cluster,
-    other machines)."""
+    Local paths become absolute because the steps run in other processes. platform=kubeflow:
+    (config, None, None), every location checked to be reachable from a pod (check_for_cluster)."""
     config = compose_config(overrides)
+    if config["platform"]["name"] == "kubeflow":
+        check_for_cluster(config)
+        return config, None, None
     config["run_id"] = config["run_id"] or new_run_id()
     for key in ("output_dir", "resume_from"):
         if config[key] and not is_remote(config[key]):
@@ -72,6 +77,30 @@ def prepare(overrides) -> tuple:
             dvc_source.resolve(data, config.get("storage") or {})  # version is resolved when the run starts
     store = RunStore.open(run_uri(config), settings_of(config))
     return config, store, outputs.local_dir(config["output_dir"], config["run_id"])
+
+
+def check_for_cluster(config: dict) -> None:
+    """platform=kubeflow: each step is a pod, where this machine's paths mean nothing and the run id
+    is KFP's, given when the run starts. One line for the first location a pod could not reach."""
+    where = "on Kubeflow every step runs in a pod"
+    if not is_remote(config["output_dir"]):
+        raise ConfigError(f"output_dir: {config['output_dir']} is a path on this machine ({where}); "
+                          "use output_dir=s3://bucket/prefix")
+    if config["run_id"]:
+        raise ConfigError(f"run_id: on Kubeflow each run's id is KFP's, given when it starts; drop "
+                          f"run_id={config['run_id']}")
+    for key in ("resume_from", "registry.uri"):
+        section, _, name = key.rpartition(".")
+        value = (config[section] if section else config)[name]
+        if value and not is_remote(value):
+            raise ConfigError(f"{key}: {value} is a path on this machine ({where}); use an s3:// location")
+    data = config["data"]
+    if data["name"] == "dvc" and not dvc_source.is_url(data["repo"] or ""):
+        raise DataError(f"data.repo: {data['repo'] or 'null (this checkout)'} is on this machine ({where}); use "
+                        "data.repo=<a git URL>, data=file data.path=s3://bucket/key, or data=digits")
+    if data["name"] == "file" and not is_remote(data["path"]):
+        raise DataError(f"data.path: {data['path']} is on this machine ({where}); use data.path=s3://bucket/key, "
+                        "data=dvc data.repo=<a git URL>, or data=digits")
 
 
 def check_device(config: dict) -> None:
@@ -208,7 +237,7 @@ def resume_command(run_id: str, overrides) -> str:
 
 
 def _interrupted(config, store, local, step, overrides) -> int:
-    if config is None:
+    if store is None:  # before a local run had a store, or platform=kubeflow (the run goes on there)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     resume = resume_command(config["run_id"], overrides)
@@ -248,6 +277,41 @@ def compile_only(config: dict, local: Path) -> int:
     return 0
 
 
+def on_kubeflow(config: dict, only_compile: bool) -> int:
+    """platform=kubeflow: compile (no run id: KFP's, at run time) and submit the run or the schedule,
+    or act on the schedule (platform.schedule_action); with platform.wait, the published run's
+    summary and a local run's exit status."""
+    pf = config["platform"]
+    if pf["schedule_action"]:
+        kubeflow.manage_schedule(config)
+        return 0
+    local = outputs.local_dir(config["output_dir"], f"submission-{new_run_id()}")  # this machine's copy
+    save_submit_files(config, local, None)
+    if only_compile:
+        print(f"compiled the {config['pipeline']} pipeline to {local / PIPELINE_FILE} (each run of it gets KFP's "
+              "run id when it starts)")
+        return 0
+    done = kubeflow.submit(config, local / PIPELINE_FILE)
+    if done.kind != "run" or not pf["wait"]:
+        return 0
+    if done.state != "SUCCEEDED":
+        print(f"error: run {done.run_id} ended {done.state}; its steps' logs: {done.url}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return report(config, RunStore.open(join_uri(config["output_dir"], done.run_id), settings_of(config)))
+
+
+def report(config: dict, store: RunStore) -> int:
+    """The published run (or study) printed, read through its manifest; 3 for a diverged run."""
+    if config["pipeline"] == "study":
+        outputs.print_study(outputs.read_study(store), store.uri)
+        return 0
+    summary = outputs.read_summary(store)
+    if summary.get("status") == "diverged":
+        return _diverged(summary, store.uri)
+    outputs.print_summary(summary, store.uri)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # flags and overrides in any order
     if args.cfg == "hydra":
@@ -260,6 +324,8 @@ def main(argv=None) -> int:
         if args.print_config or args.cfg:
             print(yaml.safe_dump(config, sort_keys=False), end="")
             return 0
+        if config["platform"]["name"] == "kubeflow":
+            return on_kubeflow(config, args.compile_only)
         if not args.compile_only:
             check_device(config)
         lock = lock_run(config, local)
@@ -268,22 +334,16 @@ def main(argv=None) -> int:
         begin_attempt(config, store)
         pipeline = save_submit_files(config, local, store)
         probe = "probe -> " if config["probe"]["enabled"] else ""
-        steps = f"resolve_data -> data_prep -> {probe}" + ("train -> evaluate" if config["pipeline"] == "train" else
-                                                           "an LR search per batch size -> report")
+        promote = " -> promote" if config["registry"]["enabled"] else ""
+        steps = f"resolve_data -> data_prep -> {probe}" + (f"train -> evaluate{promote}" if config["pipeline"] == "train"
+                                                           else "an LR search per batch size -> report")
         where = f"outputs: {store.uri}, " if is_remote(store.uri) else ""
         print(f"{config['pipeline']} {config['run_id']}: {steps} with kfp's local runner "
               f"({where}log: {local / LOG_FILE})", flush=True)
         run_locally(pipeline, {"config_json": json.dumps(config)}, local, progress=not args.no_progress,
                     follow=None if is_remote(store.uri) else local)
         store_log(store, local)
-        if config["pipeline"] == "study":
-            outputs.print_study(outputs.read_study(store), store.uri)
-            return 0
-        summary = outputs.read_summary(store)
-        if summary.get("status") == "diverged":
-            return _diverged(summary, store.uri)
-        outputs.print_summary(summary, store.uri)
-        return 0
+        return report(config, store)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

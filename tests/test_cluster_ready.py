@@ -20,6 +20,7 @@ import torch
 
 from components import storage
 from components.config import StorageConfig
+from components.registry import Registry
 from components.run_store import MANIFEST, RunStore
 from conftest import free_port
 from pipelines import outputs, submit
@@ -56,7 +57,7 @@ def test_a_run_in_s3_is_read_back_through_its_manifest_and_no_step_writes_elsewh
     assert {"config.yaml", "pipeline.yaml", "pipeline.log", "probe.json", "metrics.jsonl", "model.pt", "summary.json",
             "checkpoints/last.pt"} <= set(manifest["files"])
     wandb_runs = {k.split("/")[1].rsplit("-r1-", 1)[1] for k in manifest["files"] if k.startswith("wandb/offline-run-")}
-    assert wandb_runs == {"probe", "train", "evaluate"}
+    assert wandb_runs == {"probe", "train", "evaluate", "promote"}
     assert all(k.startswith("wandb/offline-run-") for k in manifest["files"] if k.startswith("wandb/"))
 
     # what the user reads: all of it from the bucket, each file verified against the manifest
@@ -83,7 +84,7 @@ def test_a_run_in_s3_is_read_back_through_its_manifest_and_no_step_writes_elsewh
     artifacts = {("resolve-data", "executor_output.json"), ("data-prep", "executor_output.json"),
                  ("data-prep", "dataset", "manifest.json"), ("data-prep", "dataset", "arrays.npz"),
                  ("probe", "executor_output.json"), ("probe", "report"), ("train", "executor_output.json"),
-                 ("train", "model"), ("evaluate", "executor_output.json")}
+                 ("train", "model"), ("evaluate", "executor_output.json"), ("promote", "executor_output.json")}
     kept = [p.relative_to(kfp).parts for p in files if p.is_relative_to(kfp)]
     task_temp = [parts for parts in kept if parts[0] == "tmp"]
     assert all(len(parts) == 3 and parts[2] == "ephemeral_component.py" for parts in task_temp), listing
@@ -196,7 +197,11 @@ def test_two_runs_of_one_compiled_pipeline_get_their_own_run_ids(s3_server, s3_b
         # W&B run ids are <run id>-<step>: offline-run-<time>-<W&B id>
         wandb = {key.split("/")[1].split(f"-{run_id}-")[1] for key in manifest["files"]
                  if key.startswith("wandb/offline-run-")}
-        assert wandb == {"train", "evaluate"}
+        assert wandb == {"train", "evaluate", "promote"}
+    # both were judged against one registry, the schedule's: <output_dir>/registry
+    history = Registry(bucket_store(s3_server, f"s3://{s3_bucket}/sched/registry")).history()
+    assert {e["decision"]["run_id"] for e in history} == set(run_ids) and len(history) == 2
+    assert history[0]["decision"]["promoted"] and history[1]["champion"]["run_id"] == history[0]["decision"]["run_id"]
 
 
 def test_bad_storage_input_fails_at_submit_in_one_line_before_any_work(s3_server, s3_bucket, capsys):

@@ -75,6 +75,7 @@ def test_every_experiment_composes(name):
     (["model.factory=nocolon"], "model.factory: must look like 'package.module:function'"),
     (["tracking.mode=cloud"], "tracking.mode: must be one of offline, online, disabled"),
     (["run_id=a/b"], "run_id: use letters, digits"),
+    (["run_id=registry"], "run_id: registry is where the model registry lives (<output_dir>/registry"),
     (["output_dir=s3:/bucket/runs"], "output_dir: 's3:/bucket/runs' looks like a URI with one slash; write s3://"),
     (["resume_from=s3:/b/runs/r1"], "resume_from: 's3:/b/runs/r1' looks like a URI with one slash"),
 ])

@@ -130,6 +130,9 @@ def test_a_diverged_pipeline_run_exits_3_and_every_file_it_wrote_is_strict_json(
     assert done.stderr.strip().splitlines()[-1].startswith("diverged: non_finite at step ")
     assert "Traceback" not in done.stdout + done.stderr
     run_dir = tmp_path / "nan"
-    assert storage.read_json(run_dir / "summary.json")["status"] == "diverged"
+    summary = storage.read_json(run_dir / "summary.json")
+    assert summary["status"] == "diverged"
+    assert summary["promotion"]["promoted"] is False  # promote ran, and refused it: never a champion
+    assert "promotion: kept: run nan not promoted: status diverged" in done.stdout
     assert not (run_dir / train.MODEL_FILE).exists()
     assert every_json_file_is_strict(run_dir) >= 5  # summary, metrics, the kfp tasks' outputs

@@ -18,10 +18,11 @@ import yaml
 from kfp import compiler, dsl
 
 from components import lineage
-from components.config import config_hash, parse_config
+from components.config import StorageConfig, config_hash, parse_config
 from components.errors import ClusterError, ConfigError
+from components.run_store import RunStore
 from kfp_standin import Server, StandIn
-from pipelines import graph, kubeflow, schedules
+from pipelines import graph, kubeflow, schedules, submit
 from pipelines.config import compose_config
 
 TOKEN = "secret-token"
@@ -636,3 +637,99 @@ def test_the_kubeflow_platform_keys_are_checked_when_composed(overrides, message
 def test_kubeflow_keys_are_refused_with_the_local_platform():
     with pytest.raises(ConfigError, match=r"^platform\.host: only used with platform=kubeflow"):
         compose_config(["platform.host=http://x"])
+
+
+# --- through python -m pipelines.submit ------------------------------------------------------------
+
+CLUSTER_READY = ["output_dir=s3://b/runs", "data=digits", "train.max_steps=50"]
+
+
+def submit_argv(server, *overrides) -> list:
+    return ["platform=kubeflow", f"platform.host={server.url}", "platform.poll_interval_s=0.01", *overrides]
+
+
+def test_contract_submit_compiles_with_no_run_id_and_creates_the_run_on_the_uploaded_version(start, token, capsys):
+    server = start(users={BEARER: ("alice@example.com", ())})
+    assert submit.main(submit_argv(server, *CLUSTER_READY)) == 0
+    st = server.standin
+    assert st.calls()[-3:] == ["POST /apis/v2beta1/pipelines/upload", "POST /apis/v2beta1/pipelines/upload_version",
+                               "POST /apis/v2beta1/runs"]
+    cfg = config(server, *CLUSTER_READY)
+    (version,) = [v for v in st.versions.values() if v["name"] == expected_version_name(cfg)]
+    (pipeline,) = st.pipelines.values()
+    (create_run,) = st.named("POST /apis/v2beta1/runs")
+    assert create_run.body["pipeline_version_reference"] == {"pipeline_id": pipeline["pipeline_id"],
+                                                             "pipeline_version_id": version["pipeline_version_id"]}
+    (name, sent), = create_run.body["runtime_config"]["parameters"].items()
+    sent = json.loads(sent)
+    # the paths as given (a pod reads them), no run id (KFP's, at run time), the overrides in
+    assert name == "config_json" and sent == {**cfg, "run_id": None}
+    assert (sent["output_dir"], sent["data"]["name"], sent["train"]["max_steps"]) == ("s3://b/runs", "digits", 50)
+    (run_id,) = st.runs
+    assert capsys.readouterr().out.splitlines()[-1] == f"run {run_id}: {server.url}/#/runs/details/{run_id}"
+
+
+def test_contract_a_dry_run_through_submit_prints_the_run_and_sends_nothing(start, capsys):
+    server = start()
+    assert submit.main(submit_argv(server, *CLUSTER_READY, "platform.dry_run=true")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dry run: nothing is sent to {server.url} ")
+    assert "5. POST /apis/v2beta1/runs {" in out and '\\"output_dir\\": \\"s3://b/runs\\"' in out
+    assert server.standin.requests == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["output_dir=runs", "data=digits"], "output_dir: runs is a path on this machine (on Kubeflow every step runs "
+                                         "in a pod); use output_dir=s3://bucket/prefix"),
+    (["output_dir=s3://b/runs"], "data.repo: null (this checkout) is on this machine (on Kubeflow every step runs "
+                                 "in a pod); use data.repo=<a git URL>, data=file data.path=s3://bucket/key, or "
+                                 "data=digits"),
+    (["output_dir=s3://b/runs", "data=file", "data.path=mine.csv"],
+     "data.path: mine.csv is on this machine (on Kubeflow every step runs in a pod); use data.path=s3://bucket/key, "
+     "data=dvc data.repo=<a git URL>, or data=digits"),
+    (["output_dir=s3://b/runs", "data=digits", "run_id=r1"],
+     "run_id: on Kubeflow each run's id is KFP's, given when it starts; drop run_id=r1"),
+    (["output_dir=s3://b/runs", "data=digits", "registry.uri=reg"],
+     "registry.uri: reg is a path on this machine (on Kubeflow every step runs in a pod); use an s3:// location"),
+])
+def test_contract_locations_a_pod_cannot_reach_are_one_line_before_any_request(start, capsys, tmp_path, overrides,
+                                                                               message):
+    server = start()
+    assert submit.main(submit_argv(server, *overrides)) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+    assert server.standin.requests == []
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("status, code", [("completed", 0), ("diverged", 3)])
+def test_contract_wait_prints_the_published_run_and_exits_as_a_local_run(start, s3_server, s3_bucket, capsys, status,
+                                                                         code):
+    server = start()
+    st = server.standin
+    bucket = ["output_dir=s3://" + f"{s3_bucket}/runs", f"storage.endpoint_url={s3_server.endpoint_url}",
+              "storage.region=us-east-1", "data=digits"]
+    summary = {"run_id": None, "status": status, "test": {"accuracy": 0.97}, "data_version": "v1",
+               "promotion": {"promoted": True, "reason": "run r promoted: no champion yet"}}
+
+    def publish():  # what the run's evaluate and promote steps do on the cluster
+        (run_id,) = st.runs
+        store = RunStore.open(f"s3://{s3_bucket}/runs/{run_id}", StorageConfig(endpoint_url=s3_server.endpoint_url,
+                                                                                 region="us-east-1"))
+        store.put_json("summary.json", {**summary, "run_id": run_id})
+        store.seal({"status": status})
+
+    st.before("GET", "/runs/", publish)
+    assert submit.main(submit_argv(server, *bucket, "platform.wait=true")) == code
+    (run_id,) = st.runs
+    out = capsys.readouterr().out
+    assert f"run {run_id}: SUCCEEDED after " in out
+    assert f"run directory: s3://{s3_bucket}/runs/{run_id}" in out
+    assert "promotion: promoted: run r promoted: no champion yet" in out
+
+
+def test_contract_wait_on_a_run_that_did_not_succeed_is_one_line_and_exit_2(start, capsys):
+    server = start(run_states=["PENDING", "RUNNING", "FAILED"])
+    assert submit.main(submit_argv(server, *CLUSTER_READY, "platform.wait=true")) == 2
+    (run_id,) = server.standin.runs
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: run {run_id} ended FAILED; its steps' logs: {server.url}/#/runs/details/{run_id}"]

@@ -10,6 +10,8 @@ import yaml
 
 from components import storage
 from components.example_data import PROJECT_ROOT
+from components.registry import Registry
+from components.run_store import RunStore
 from pipelines import outputs, submit
 
 SUMMARY_FIELDS = {
@@ -24,10 +26,10 @@ def compiled(tmp_path, *overrides):
     return yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
 
 
-def test_compiled_pipeline_has_the_four_steps_in_order(tmp_path):
+def test_compiled_pipeline_has_the_steps_in_order(tmp_path):
     spec = compiled(tmp_path, "platform.image=reg/img:1")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"resolve-data", "data-prep", "probe", "train", "evaluate"}
+    assert set(tasks) == {"resolve-data", "data-prep", "probe", "train", "evaluate", "promote"}
     # the data version, resolved on every run, is an input of data_prep: part of its cache key
     assert tasks["data-prep"]["inputs"]["parameters"]["data_source"]["taskOutputParameter"] == \
         {"outputParameterKey": "Output", "producerTask": "resolve-data"}
@@ -53,6 +55,30 @@ def test_compiled_pipeline_has_the_four_steps_in_order(tmp_path):
     assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
     assert not any("resources" in e["container"] for e in executors.values())  # no GPU asked by default
     assert not tasks["train"]["cachingOptions"].get("enableCache", False)
+    # promote: after evaluate (its summary), on train's model and the dataset, never cached
+    assert sorted(tasks["promote"]["dependentTasks"]) == ["data-prep", "evaluate", "train"]
+    assert tasks["promote"]["inputs"]["parameters"]["evaluation"]["taskOutputParameter"] == \
+        {"outputParameterKey": "Output", "producerTask": "evaluate"}
+    assert tasks["promote"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == \
+        {"outputArtifactKey": "model", "producerTask": "train"}
+    assert not tasks["promote"]["cachingOptions"].get("enableCache", False)
+    assert not any("env" in e["container"] for e in executors.values())  # no digest in a tag: none passed
+
+
+def test_an_image_by_digest_reaches_every_task_as_convergence_image_digest(tmp_path):
+    digest = "sha256:" + "ab" * 32
+    for pipeline in ("train", "study"):
+        spec = compiled(tmp_path / pipeline, f"pipeline={pipeline}", f"platform.image=reg/img@{digest}")
+        executors = spec["deploymentSpec"]["executors"]
+        assert len(executors) >= 6
+        for executor in executors.values():
+            assert executor["container"]["image"] == f"reg/img@{digest}"
+            assert executor["container"]["env"] == [{"name": "CONVERGENCE_IMAGE_DIGEST", "value": digest}]
+
+
+def test_registry_disabled_compiles_no_promote_step(tmp_path):
+    tasks = compiled(tmp_path, "registry.enabled=false")["root"]["dag"]["tasks"]
+    assert "promote" not in tasks and "evaluate" in tasks
 
 
 def test_gpu_steps_request_accelerators_from_config(tmp_path):
@@ -68,7 +94,7 @@ def test_gpu_steps_request_accelerators_from_config(tmp_path):
 def test_without_the_probe_the_config_numbers_feed_train(tmp_path):
     spec = compiled(tmp_path, "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=16")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"resolve-data", "data-prep", "train", "evaluate"}
+    assert set(tasks) == {"resolve-data", "data-prep", "train", "evaluate", "promote"}
     params = tasks["train"]["inputs"]["parameters"]
     assert (params["batch_size"]["runtimeValue"]["constant"], params["micro_batch_size"]["runtimeValue"]["constant"]) \
         == (64, 16)
@@ -119,7 +145,7 @@ def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
             "checkpoints/last.pt"} <= set(manifest["files"])
     assert not any(key.startswith(".") for key in manifest["files"])  # not the lock, not kfp's artifacts
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "probe", "train"]
+    assert sorted(name.split("-default-")[1] for name in offline) == ["evaluate", "probe", "promote", "train"]
     assert list((run_dir / "wandb").glob("offline-run-*train/run-*.wandb"))
 
     out = capsys.readouterr().out
@@ -190,3 +216,29 @@ def test_bad_data_in_the_pipeline_gives_one_line_and_no_partial_output(tmp_path,
     assert storage.read_json(run_dir / "summary.json") == {"run_id": "bad", "status": "failed", "error": err[0][7:]}
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "model.pt").exists()
     assert not list((run_dir / outputs.KFP_DIR).rglob("manifest.json")) and not (run_dir / "manifest.json").exists()
+
+
+def test_the_first_run_is_promoted_and_a_worse_one_keeps_the_champion(tmp_path, capsys):
+    """Through kfp's local runner: promote after evaluate, its decision in the published summary
+    and in submit's output, the registry at <output_dir>/registry."""
+    cheap = [f"output_dir={tmp_path}", "data=digits", "probe.enabled=false", "train.batch_size=32",
+             "train.micro_batch_size=32", "tracking.mode=disabled", "--no-progress"]
+    assert submit.main([*cheap, "run_id=good", "train.max_steps=60"]) == 0
+    good = outputs.read_summary(RunStore.open(str(tmp_path / "good")))
+    assert good["promotion"]["promoted"] is True and good["promotion"]["champion"] is None
+    assert good["promotion"]["reason"].startswith("run good promoted: no champion yet (test/accuracy ")
+    assert Registry.open(str(tmp_path / "registry")).champion()["run_id"] == "good"
+    assert f"promotion: promoted: {good['promotion']['reason']}" in capsys.readouterr().out
+
+    assert submit.main([*cheap, "run_id=worse", "train.max_steps=2"]) == 0  # a smaller budget: a worse model
+    worse = outputs.read_summary(RunStore.open(str(tmp_path / "worse")))
+    decision = worse["promotion"]
+    assert decision["promoted"] is False and decision["value"] < good["test"]["accuracy"]
+    assert decision["reason"].startswith("champion good kept: test/accuracy ")
+    assert decision["champion"]["value"] == good["test"]["accuracy"]
+    assert Registry.open(str(tmp_path / "registry")).champion()["run_id"] == "good"
+    assert [e["decision"]["run_id"] for e in Registry.open(str(tmp_path / "registry")).history()] == ["good", "worse"]
+    assert f"promotion: kept: {decision['reason']}" in capsys.readouterr().out
+    # sealed again after promote: the manifest holds the summary with the decision
+    manifest = storage.read_json(tmp_path / "worse" / "manifest.json")
+    assert manifest["files"]["summary.json"]["sha256"] == storage.sha256_file(tmp_path / "worse" / "summary.json")
