@@ -9,14 +9,22 @@ the effective batch; the remainder (fewer than `batch_size` examples) is dropped
 optimizer step therefore sees the same number of examples, samples_seen = steps x batch,
 and no example is systematically left out because the next epoch reshuffles.
 
-Rank-aware in shape: each window is cut into `world_size` shards and this process trains
-on shard `rank`; with one process that is the whole window.
+Across ranks (torchrun; components/distributed.py): each window is cut into `world_size`
+shards and this process trains on shard `rank`; with one process that is the whole window.
+Every micro-step accumulates locally; then one all-reduce per step averages the gradients and
+carries the step's loss and an out-of-memory flag. The flag is why this is not
+DistributedDataParallel: DDP reduces inside the last micro-step's backward, so a rank that runs
+out of memory before it leaves the others waiting in that all-reduce (the deadlock Composer
+had); here every rank reaches the one collective, and if any ran out of memory all of them
+halve the micro-batch and redo the step. Rank 0 evaluates and broadcasts the numbers, so every
+rank's stopping rules take the same decisions; only rank 0 writes.
 """
 
 import math
 import signal
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from components import early_stopping, memory, metrics, noise_scale, storage, tracking
+from components import distributed, early_stopping, memory, metrics, noise_scale, storage, tracking
 from components.config import (Config, TrainConfig, config_hash, for_dataset, largest_divisor_at_most,
                                parse_config)
 from components.datasets import Dataset
@@ -127,21 +135,30 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
     micro-batch (count^2 x |.grad|^2 is that micro-batch's own |g|^2) and after the last (the
     whole batch's) feed the noise-scale estimate: two norms per step, no copies.
     """
+    losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, micro, noise is not None)
+    if noise is not None:
+        count = indices.shape[0] // micro
+        first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(model.parameters()))
+        noise.update([first_sq * count ** 2], big_sq, micro, indices.shape[0])
+    return losses
+
+
+def backward_micro_batches(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
+                           micro: int, measure: bool = False):
+    """accumulate_gradients' micro-steps: (the micro-batch losses, and with `measure` the
+    per-tensor gradient norms after the first micro-batch)."""
     n = indices.shape[0]
     count = n // micro
     losses, first_norms = [], None
-    params = list(model.parameters()) if noise is not None else None
+    params = list(model.parameters()) if measure else None
     for m in range(0, n, micro):
         mb = indices[m:m + micro] if count > 1 else indices
         loss = loss_fn(model(x[mb]), y[mb])
         (loss / count if count > 1 else loss).backward()
         losses.append(loss)  # read with .item(): no detach needed (it cost ~1% of the loop)
-        if noise is not None and first_norms is None:
+        if measure and first_norms is None:
             first_norms = noise_scale.grad_norms(params)
-    if noise is not None:
-        first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(params))
-        noise.update([first_sq * count ** 2], big_sq, micro, n)
-    return losses
+    return losses, first_norms
 
 
 def measuring_micro(shard: int, micro: int) -> Optional[int]:
@@ -216,16 +233,16 @@ class TrainState:
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self._COUNTERS},
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "stopper": self.stopper.state_dict(), "rng": torch.get_rng_state(),
+                "stopper": self.stopper.state_dict(), "rng": [torch.get_rng_state()],  # rank-indexed
                 "noise": vars(self.noise) if self.noise is not None else None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, rank: int = 0) -> None:
         for key in self._COUNTERS:
             setattr(self, key, state[key])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stopper.load_state_dict(state["stopper"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"][rank])
         if self.noise is not None and state["noise"] is not None:
             vars(self.noise).update(state["noise"])
 
@@ -233,8 +250,8 @@ class TrainState:
 class Trainer:
     """One run's training: the loop over a TrainState, evaluation, checkpoints and metrics.
 
-    Only rank 0 writes (metrics.jsonl, checkpoints); every rank trains its shard of each
-    window. With `run_dir`, calling `fit()` again on the same directory resumes from the last
+    The ranks come from the launcher's environment (distributed.start). Only rank 0 writes
+    (metrics.jsonl, checkpoints); every rank trains its shard of each window. With `run_dir`, calling `fit()` again on the same directory resumes from the last
     checkpoint. `progress=None` shows a bar only on a terminal. `on_step(step)` runs after
     every optimizer step, `on_checkpoint()` after every checkpoint is written (the train step
     syncs it to the run's store).
@@ -242,26 +259,27 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
                  tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
-                 on_step: Optional[Callable[[int], None]] = None, rank: int = 0,
+                 on_step: Optional[Callable[[int], None]] = None,
                  on_checkpoint: Optional[Callable[[], None]] = None):
         if cfg.eval.monitor is None or cfg.data.task is None:  # decided by the data (components.config.for_dataset)
             cfg = parse_config(for_dataset(cfg.to_dict(), data.manifest))
         t, e = cfg.train, cfg.eval
         self.cfg, self.data, self.tracker, self.on_step, self.progress = cfg, data, tracker, on_step, progress
         self.on_checkpoint = on_checkpoint
-        self.device = resolve_device(t.device)
+        self.dist = distributed.start(cfg.world_size, resolve_device(t.device))
+        self.device, self.rank = self.dist.device, self.dist.rank
         self.x_train, self.y_train = (torch.as_tensor(a).to(self.device) for a in data.split("train"))
         self.x_val, self.y_val = (torch.as_tensor(a).to(self.device) for a in data.split("val"))
         self.plan = plan = Plan.make(cfg, len(self.x_train))
         self.loss_fn = metrics.loss_fn(data.task)
         self.n_classes = data.manifest["n_classes"] or 0
         self.target_scale = data.manifest.get("target_scale")  # regression: metrics in the target's units
-        self.rank = rank
         self.shard = plan.effective_batch_size // plan.world_size  # examples this rank sees per step
         # a measured step without accumulation runs two half-batches: a second forward/backward
         self.noise_every = t.noise_scale_every_steps or (NOISE_EVERY if plan.accumulation_steps > 1
                                                          else NOISE_EVERY_SPLIT)
         model.to(self.device).train()
+        self.params = list(model.parameters())
         noise = noise_scale.NoiseScaleTracker(population=plan.n_train) if t.track_noise_scale else None
         self.state = TrainState(
             model=model, optimizer=make_optimizer(model, t, plan.lr), noise=noise,
@@ -278,6 +296,7 @@ class Trainer:
         self.terminate_requested = False  # set by SIGTERM (finish_the_step_on_sigterm)
         self.t0 = time.perf_counter()
         self._resume_or_seed(run_dir)
+        self.dist.broadcast_tensors(list(model.state_dict().values()))  # every rank starts from rank 0's weights
 
     # ------------------------------------------------------------ state
 
@@ -289,26 +308,36 @@ class Trainer:
                 if ckpt[key] != value:
                     raise ConfigError(f"run_id: {self.checkpoint_path.parent.parent} holds a run with a different "
                                       f"{key} ({ckpt[key]} != {value}); choose another run_id")
+            if len(ckpt["rng"]) != self.dist.world_size:  # each rank's shard and random stream
+                raise ConfigError(f"resume: the checkpoint was written by {len(ckpt['rng'])} processes and this run "
+                                  f"has {self.dist.world_size}; resume with world size {len(ckpt['rng'])}")
+        found = self.dist.gather(ckpt and ckpt["step"])
+        if len(set(found)) > 1:  # else the ranks would run different steps and wait on each other forever
+            raise ConfigError(f"resume: the ranks found different checkpoints (steps {found}); every rank must "
+                              f"read the same {CHECKPOINT}")
         self.log = storage.JsonlWriter(Path(run_dir) / METRICS) if run_dir and self.rank == 0 else None
         if ckpt is None:
-            torch.manual_seed(self.cfg.train.seed)  # dropout draws; the model was initialised by the caller
+            torch.manual_seed(self.cfg.train.seed + self.rank)  # dropout draws, their own per rank
             return
-        self.state.load_state_dict(ckpt)
+        self.state.load_state_dict(ckpt, self.rank)
         self.resumed_from = self.state.step
         if self.log:
             self.log.truncate(ckpt["metrics_offset"])  # rows after the checkpoint are written again
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is None or self.rank != 0:
+        if self.checkpoint_path is None:
             return
-        self.state.wall_time_s, before = self.elapsed(), self.state.wall_time_s
-        try:
-            storage.save_torch({**self.identity, **self.state.state_dict(),
-                                "metrics_offset": self.log.offset() if self.log else 0}, self.checkpoint_path)
-        finally:
-            self.state.wall_time_s = before  # elapsed() adds this process's time to it
-        if self.on_checkpoint:
-            self.on_checkpoint()
+        rng = self.dist.gather(torch.get_rng_state())  # a collective: every rank saves at the same steps
+        if self.dist.is_main:
+            self.state.wall_time_s, before = self.elapsed(), self.state.wall_time_s
+            try:
+                storage.save_torch({**self.identity, **self.state.state_dict(), "rng": rng,
+                                    "metrics_offset": self.log.offset() if self.log else 0}, self.checkpoint_path)
+            finally:
+                self.state.wall_time_s = before  # elapsed() adds this process's time to it
+            if self.on_checkpoint:
+                self.on_checkpoint()
+        self.dist.barrier()  # no rank goes on (to a resume, say) before the checkpoint is there
 
     def elapsed(self) -> float:
         return self.state.wall_time_s + time.perf_counter() - self.t0
@@ -323,12 +352,46 @@ class Trainer:
     def micro_steps(self, m: int) -> List[torch.Tensor]:
         """One optimizer step's forward/backward at micro-batch m over the current indices."""
         s = self.state
+        measure_at = None
         if s.noise is not None and s.step % self.noise_every == 0:
             measure_at = measuring_micro(self.shard, m)
-            if measure_at is not None:
-                return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices,
-                                            measure_at, s.noise)
+        if self.dist.distributed:
+            return self.micro_steps_across_ranks(measure_at or m, measure_at is not None)
+        if measure_at is not None:
+            return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices,
+                                        measure_at, s.noise)
         return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices, m)
+
+    def micro_steps_across_ranks(self, m: int, measure: bool) -> List[torch.Tensor]:
+        """This rank's micro-steps, then the step's one all-reduce: the mean gradient over the
+        effective batch, the mean loss, and how many ranks ran out of memory. If any did, every
+        rank raises it, so halving_on_oom halves the micro-batch on all ranks together.
+
+        Noise scale: this rank's first micro-batch gradient (before the all-reduce) is the small
+        batch, averaged over the ranks; the big batch is the whole effective batch (after it).
+        Both are drawn without replacement from the epoch's permutation, so the estimate stays
+        unbiased with the same finite-population correction."""
+        s, count = self.state, self.shard // m
+        zero = torch.zeros((), device=self.device)
+        try:
+            losses, first_norms = backward_micro_batches(s.model, self.loss_fn, self.x_train, self.y_train,
+                                                         self.indices, m, measure)
+            loss, oom = torch.stack(losses).detach().mean(), 0.0
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+            if not memory.is_oom(exc):
+                raise
+            traceback.clear_frames(exc.__traceback__)  # its frames hold the failed attempt's tensors
+            loss, first_norms, oom = zero, None, 1.0
+        micro_sq = torch.stack(first_norms).square().sum() * count ** 2 if first_norms else zero
+        loss_sum, micro_sq_sum, ooms = self.dist.reduce_gradients(
+            self.params, torch.stack([loss, micro_sq, torch.tensor(oom, device=self.device)])).tolist()
+        if ooms:
+            raise torch.OutOfMemoryError(f"out of memory on {ooms:.0f} of {self.dist.world_size} ranks "
+                                         f"at micro-batch {m}")
+        if measure:
+            big_sq, = noise_scale.squared_totals(noise_scale.grad_norms(self.params))
+            s.noise.update([micro_sq_sum / self.dist.world_size], big_sq, m, self.plan.effective_batch_size)
+        return [torch.tensor(loss_sum / self.dist.world_size)]
 
     def smaller_micro(self, m: int) -> int:
         return largest_divisor_at_most(self.shard, m // 2)
@@ -343,6 +406,14 @@ class Trainer:
                                      "accumulation_steps": self.shard // new}))
 
     def validation_metrics(self) -> dict:
+        """Rank 0 evaluates the whole validation split and every rank gets its numbers: the
+        stopping rules then see the same values and take the same decisions on every rank."""
+        if self.dist.distributed:
+            self.dist.broadcast_tensors(list(self.state.model.buffers()))  # e.g. batch-norm statistics
+            return self.dist.broadcast(self.own_validation_metrics() if self.dist.is_main else None)
+        return self.own_validation_metrics()
+
+    def own_validation_metrics(self) -> dict:
         values, self.eval_chunk = memory.halving_on_oom(
             lambda chunk: metrics.evaluate(self.state.model, self.x_val, self.y_val, self.data.task, self.n_classes,
                                            chunk=chunk, target_scale=self.target_scale), self.eval_chunk)
@@ -384,7 +455,7 @@ class Trainer:
 
         s, plan = self.state, self.plan
         bar = tqdm(total=plan.max_steps, initial=s.step, unit="step", desc="train",
-                   disable=(None if self.progress is None else not self.progress))
+                   disable=(None if self.progress is None else not self.progress) if self.dist.is_main else True)
         self.t0 = time.perf_counter()
         try:
             with finish_the_step_on_sigterm(self):
@@ -395,7 +466,8 @@ class Trainer:
                     self._loop(bar)
                     self._finish(bar)
         except KeyboardInterrupt:
-            self.save_checkpoint()  # Ctrl-C: the run resumes from here
+            if not self.dist.distributed:  # across ranks Ctrl-C lands mid-collective on some: SIGTERM saves
+                self.save_checkpoint()  # Ctrl-C: the run resumes from here
             raise
         finally:
             bar.close()
@@ -454,8 +526,11 @@ class Trainer:
                     self.evaluate(bar)
                     last_eval_step = step
                 now = time.perf_counter()
-                if ((t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
-                        or (t.checkpoint_every_s and now - last_checkpoint >= t.checkpoint_every_s)):
+                due = bool((t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
+                           or (t.checkpoint_every_s and now - last_checkpoint >= t.checkpoint_every_s))
+                if self.dist.distributed:  # each rank's clock and signals: agreed, or the ranks part ways
+                    due, self.terminate_requested = self.dist.any(due, self.terminate_requested)
+                if due:
                     self.save_checkpoint()
                     last_checkpoint = now
                 if stopper.should_stop or step >= plan.max_steps:
@@ -506,7 +581,7 @@ class Trainer:
 
 def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
         tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,
-        on_step: Optional[Callable[[int], None]] = None, rank: int = 0) -> RunRecord:
+        on_step: Optional[Callable[[int], None]] = None) -> RunRecord:
     """Train `model` in place and leave the best weights (by `eval.monitor`) loaded in it:
     `Trainer(...).fit()`. See Trainer for the arguments."""
-    return Trainer(model, data, cfg, run_dir, tracker, progress, on_step, rank).fit()
+    return Trainer(model, data, cfg, run_dir, tracker, progress, on_step).fit()
