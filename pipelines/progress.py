@@ -27,7 +27,7 @@ from components.study import RUNS_DIR  # a study's runs: <run_dir>/runs/<name>/
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 _TASK_START = re.compile(r" - INFO - Executing task '([^']+)'")
 _TASK_END = re.compile(r" - [A-Z]+ - Task '([^']+)' finished with status (\w+)")
-_STEP_LINE = re.compile(r"^\s*((?:resolve_data|data_prep|probe|train|evaluate|study)\w*): (.+)$")
+_STEP_LINE = re.compile(r"^\s*((?:resolve_data|data_prep|probe|train|evaluate|promote|study)\w*): (.+)$")
 TRAINING_STEPS = ("train", "study_run")
 _FINAL = {"train": ("trained", "diverged"), "study_run": ("trained", "diverged", "completed")}
 
