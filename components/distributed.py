@@ -11,13 +11,15 @@ between ranks (an out-of-memory error, a clock, a signal) through one of them.
 """
 
 import os
+import traceback
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from components.errors import ConfigError
+from components.memory import is_oom
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,26 @@ class Runtime:
         if self.distributed:
             for t in tensors:
                 dist.broadcast(t.data, src=0)
+
+    def agreed_step(self, params: Sequence[torch.nn.Parameter], local: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
+                    what: str) -> Tuple[float, float]:
+        """`local()` (this rank's micro-steps, returning two scalars: its loss and one more), then
+        the step's one all-reduce: the mean gradient, the mean of each scalar, and how many ranks
+        ran out of memory. If any did, every rank raises it (so all of them back off together);
+        a rank that ran out still takes part in the all-reduce, so none is left waiting."""
+        try:
+            loss, other = local()
+            oom = 0.0
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+            if not is_oom(exc):
+                raise
+            traceback.clear_frames(exc.__traceback__)  # its frames hold the failed attempt's tensors
+            loss, other, oom = torch.zeros(()), torch.zeros(()), 1.0
+        extras = torch.stack([loss.to(self.device), other.to(self.device), torch.tensor(oom, device=self.device)])
+        loss_sum, other_sum, ooms = self.reduce_gradients(params, extras).tolist()
+        if ooms:
+            raise torch.OutOfMemoryError(f"out of memory on {ooms:.0f} of {self.world_size} ranks at {what}")
+        return loss_sum / self.world_size, other_sum / self.world_size
 
     def reduce_gradients(self, params: Sequence[torch.nn.Parameter], extras: torch.Tensor) -> torch.Tensor:
         """Average every parameter's .grad over the ranks and sum `extras` (a few per-step numbers:

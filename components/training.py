@@ -24,7 +24,6 @@ import math
 import signal
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,35 +362,23 @@ class Trainer:
         return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices, m)
 
     def micro_steps_across_ranks(self, m: int, measure: bool) -> List[torch.Tensor]:
-        """This rank's micro-steps, then the step's one all-reduce: the mean gradient over the
-        effective batch, the mean loss, and how many ranks ran out of memory. If any did, every
-        rank raises it, so halving_on_oom halves the micro-batch on all ranks together.
-
-        Noise scale: this rank's first micro-batch gradient (before the all-reduce) is the small
-        batch, averaged over the ranks; the big batch is the whole effective batch (after it).
-        Both are drawn without replacement from the epoch's permutation, so the estimate stays
-        unbiased with the same finite-population correction."""
+        """This rank's micro-steps, then one all-reduce agreeing on out-of-memory (dist.agreed_step).
+        Noise scale: each rank's first micro-batch gradient (before the all-reduce, averaged over
+        ranks) is the small batch, the whole effective batch (after it) the big one; both drawn
+        without replacement from the epoch's permutation, so the estimate stays unbiased."""
         s, count = self.state, self.shard // m
-        zero = torch.zeros((), device=self.device)
-        try:
+
+        def local():
             losses, first_norms = backward_micro_batches(s.model, self.loss_fn, self.x_train, self.y_train,
                                                          self.indices, m, measure)
-            loss, oom = torch.stack(losses).detach().mean(), 0.0
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-            if not memory.is_oom(exc):
-                raise
-            traceback.clear_frames(exc.__traceback__)  # its frames hold the failed attempt's tensors
-            loss, first_norms, oom = zero, None, 1.0
-        micro_sq = torch.stack(first_norms).square().sum() * count ** 2 if first_norms else zero
-        loss_sum, micro_sq_sum, ooms = self.dist.reduce_gradients(
-            self.params, torch.stack([loss, micro_sq, torch.tensor(oom, device=self.device)])).tolist()
-        if ooms:
-            raise torch.OutOfMemoryError(f"out of memory on {ooms:.0f} of {self.dist.world_size} ranks "
-                                         f"at micro-batch {m}")
+            micro_sq = torch.stack(first_norms).square().sum() * count ** 2 if measure else torch.zeros(())
+            return torch.stack(losses).detach().mean(), micro_sq
+
+        loss, micro_sq = self.dist.agreed_step(self.params, local, f"micro-batch {m}")
         if measure:
             big_sq, = noise_scale.squared_totals(noise_scale.grad_norms(self.params))
-            s.noise.update([micro_sq_sum / self.dist.world_size], big_sq, m, self.plan.effective_batch_size)
-        return [torch.tensor(loss_sum / self.dist.world_size)]
+            s.noise.update([micro_sq], big_sq, m, self.plan.effective_batch_size)
+        return [torch.tensor(loss)]
 
     def smaller_micro(self, m: int) -> int:
         return largest_divisor_at_most(self.shard, m // 2)
