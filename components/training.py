@@ -307,6 +307,8 @@ class Trainer:
                 if ckpt[key] != value:
                     raise ConfigError(f"run_id: {self.checkpoint_path.parent.parent} holds a run with a different "
                                       f"{key} ({ckpt[key]} != {value}); choose another run_id")
+            if isinstance(ckpt["rng"], torch.Tensor):  # written before checkpoints held one state per rank
+                ckpt["rng"] = [ckpt["rng"]]
             if len(ckpt["rng"]) != self.dist.world_size:  # each rank's shard and random stream
                 raise ConfigError(f"resume: the checkpoint was written by {len(ckpt['rng'])} processes and this run "
                                   f"has {self.dist.world_size}; resume with world size {len(ckpt['rng'])}")

@@ -223,6 +223,23 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_the_run_resumes_to_the
     assert torch.equal(params(resumed), params(full))
 
 
+def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(digits, tmp_path):
+    cfg = config(train={"max_steps": 20, "checkpoint_every_steps": 10}, eval={"every_steps": 10, "patience": 100})
+    full, _ = train(cfg, digits, tmp_path / "full")
+
+    def crash_at_15(step):
+        if step == 15:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, digits, tmp_path / "old", on_step=crash_at_15)
+    path = tmp_path / "old" / training.CHECKPOINT
+    ckpt = storage.load_torch(path)
+    storage.save_torch({**ckpt, "rng": ckpt["rng"][0]}, path)  # the single-tensor form older runs wrote
+    resumed, result = train(cfg, digits, tmp_path / "old")
+    assert result.resumed_from_step == 10 and torch.equal(params(resumed), params(full))
+
+
 def test_resume_refuses_a_run_directory_with_another_config(digits, tmp_path):
     train(config(train={"max_steps": 10, "checkpoint_every_steps": 5}), digits, tmp_path)
     from components.errors import ConfigError
