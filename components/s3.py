@@ -132,15 +132,8 @@ class S3Store(RunStore):
         return response.get("Metadata", {}).get(SHA256_META)
 
     def _read(self, key: str) -> Optional[bytes]:
-        response = self._get_object(key)
-        if response is None:
-            return None
-        with self._errors(key):
-            data = response["Body"].read()
-        stored, got = response.get("Metadata", {}).get(SHA256_META), hashlib.sha256(data).hexdigest()
-        if stored is not None and got != stored:
-            raise checksum_error(join_uri(self.uri, key), stored, got)
-        return data
+        tagged = self.read_tagged(key)
+        return None if tagged is None else tagged[0]
 
     def _stat(self, key: str) -> Optional[Entry]:
         with self._errors(key):
