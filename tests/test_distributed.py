@@ -38,9 +38,20 @@ def ranks(tmp_path_factory):
            "PYTHONPATH": str(WORKER.parent.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(WORKER), str(base), str(base / "runs"), json.dumps(JOBS)]
-    # the timeout is the no-deadlock check: a rank left waiting in a collective never returns
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # the timeout is the no-deadlock check: a rank left waiting in a collective never returns. On a
+    # timeout torchrun gets SIGTERM, which it passes on to its workers (each in a session of its
+    # own: killing torchrun outright left them waiting in gloo after the test), then SIGKILL
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=45)  # torchrun waits up to 30 s for its workers, then kills them
+        finally:
+            proc.kill()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     out = [torch.load(base / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return {"base": base, "results": [o["results"] for o in out], "writes": [o["writes"] for o in out]}
 
