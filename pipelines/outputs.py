@@ -143,7 +143,7 @@ def print_study(study: dict, where: str) -> None:
         test = b["test_metric"]
         table.add_row(str(b["batch_size"]), f"{b['lr']:.3g}" if b["lr"] else "-", f"{b['reached']}/{b['seeds']}",
                       med(b["steps_to_target"]), med(b["samples_to_target"]), med(b["epochs_to_target"], "{:.2g}"),
-                      med(b["time_to_target_s"], "{:.2f}"), f"{test['mean']:.4g}" if test else "-", b["regime"] or "-")
+                      med(b["time_to_target_s"], "{:.3g}"), f"{test['mean']:.4g}" if test else "-", b["regime"] or "-")
     console = Console(width=None if sys.stdout.isatty() else 110)  # rich assumes 80 columns in logs
     console.print(table)
     for line in study["answer"]:
