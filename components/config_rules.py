@@ -1,0 +1,201 @@
+"""The config's value rules: ranges and cross-field checks, each failing with one line that
+starts with the key it is about. `components.config.parse_config` applies them to every config."""
+
+import math
+import re
+
+from components.config import (AUTO, DATA_FORMATS, DATA_NAMES, DEVICES, LR_SCALINGS, MODE_OF, MODEL_NAMES, MODES,
+                               OPTIMIZERS, PIPELINES, PLATFORMS, SCHEDULE_ACTIONS, SCHEDULES, TASKS, TRACKING_MODES,
+                               VAL_METRICS, Config, PlatformConfig)
+from components.errors import ConfigError
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Ranges and cross-field rules. Every message starts with the key it is about."""
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    _one_of(d.name, DATA_NAMES, "data.name")
+    if d.task is not None:  # null: inferred from the target at data_prep
+        _one_of(d.task, TASKS, "data.task")
+    if d.format is not None:
+        _one_of(d.format, DATA_FORMATS, "data.format")
+    if d.name in ("file", "dvc"):
+        _check(bool(d.path), "data.path", f"required when data.name={d.name}")
+    if d.name == "dvc":
+        _check(not d.path.startswith("/") and "://" not in d.path, "data.path",
+               f"with data.name=dvc, a path inside data.repo (e.g. data/train.csv); got {d.path!r}")
+    _check(d.input_shape is None or (len(d.input_shape) > 0 and all(s > 0 for s in d.input_shape)),
+           "data.input_shape", f"must be positive sizes or null; got {d.input_shape}")
+    if d.name == "digits":
+        _check(d.task in (None, "classification"), "data.task", "digits is a classification dataset")
+    for key, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
+        _check(0 < frac < 1, key, f"must be in (0, 1); got {frac}")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction",
+           f"val_fraction + test_fraction must leave a training split; got {d.val_fraction + d.test_fraction:g}")
+    _check(d.n_samples > 0, "data.n_samples", f"must be > 0; got {d.n_samples}")
+    _check(d.n_features > 0, "data.n_features", f"must be > 0; got {d.n_features}")
+    _check(d.n_classes >= 2, "data.n_classes", f"must be >= 2; got {d.n_classes}")
+    _check(d.noise >= 0, "data.noise", f"must be >= 0; got {d.noise}")
+
+    if m.factory is None:
+        _one_of(m.name, MODEL_NAMES, "model.name")
+    else:
+        module, _, func = m.factory.partition(":")
+        _check(bool(module and func), "model.factory", f"must look like 'package.module:function'; got {m.factory!r}")
+    _check(all(h > 0 for h in m.hidden_sizes), "model.hidden_sizes", f"sizes must be > 0; got {m.hidden_sizes}")
+    _check(all(c > 0 for c in m.channels), "model.channels", f"sizes must be > 0; got {m.channels}")
+    _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1); got {m.dropout}")
+
+    for key in ("batch_size", "micro_batch_size"):
+        value = getattr(t, key)
+        _check(value == AUTO or (type(value) is int and value > 0), f"train.{key}",
+               f"must be a positive integer or 'auto'; got {value!r}")
+    for key in ("max_epochs", "base_batch_size"):
+        value = getattr(t, key)
+        _check(value > 0, f"train.{key}", f"must be > 0; got {value}")
+    if cfg.pipeline == "study":  # each run's batch comes from the study; train.micro_batch_size caps its micro-batch
+        _check(cfg.probe.enabled or bool(cfg.study.batch_sizes), "study.batch_sizes",
+               "with probe.enabled=false, list the batch sizes to compare, e.g. study.batch_sizes=[16,64,256]")
+    elif cfg.batch_sizes_decided:
+        _check(t.micro_batch_size <= t.batch_size, "train.micro_batch_size",
+               f"micro-batch {t.micro_batch_size} is larger than the effective batch {t.batch_size}")
+        per_update = t.micro_batch_size * cfg.world_size
+        _check(t.batch_size % per_update == 0, "train.batch_size",
+               f"effective batch {t.batch_size} is not divisible by micro-batch x world size = {per_update}")
+    else:
+        _check(cfg.probe.enabled, "train.batch_size", "with probe.enabled=false, train.batch_size and "
+               f"train.micro_batch_size must be numbers; got {t.batch_size!r} and {t.micro_batch_size!r}")
+    _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 or null; got {t.max_steps}")
+    _check(t.checkpoint_every_s is None or t.checkpoint_every_s > 0, "train.checkpoint_every_s",
+           f"must be > 0 or null; got {t.checkpoint_every_s}")
+    _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
+    _one_of(t.lr_scaling, LR_SCALINGS, "train.lr_scaling")
+    _one_of(t.schedule, SCHEDULES, "train.schedule")
+    _one_of(t.device, DEVICES, "train.device")
+    _check(t.lr > 0, "train.lr", f"must be > 0; got {t.lr}")
+    _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1); got {t.momentum}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0; got {t.warmup_steps}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0; got {t.weight_decay}")
+    _check(t.noise_scale_every_steps is None or t.noise_scale_every_steps > 0, "train.noise_scale_every_steps",
+           f"must be > 0 or null; got {t.noise_scale_every_steps}")
+    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
+           f"must be > 0 or null; got {t.checkpoint_every_steps}")
+    _check(t.cpu_threads is None or t.cpu_threads > 0, "train.cpu_threads", f"must be > 0 or null; got {t.cpu_threads}")
+
+    _check(e.every_steps is None or e.every_steps > 0, "eval.every_steps", f"must be > 0 or null; got {e.every_steps}")
+    # null monitor/mode follow the task (resolve_task_defaults, for_dataset); the monitor is
+    # checked against the task once both are known
+    if e.monitor is not None:
+        _one_of(e.monitor, VAL_METRICS[d.task] if d.task else tuple(MODE_OF), "eval.monitor")
+    if e.mode is not None:
+        _one_of(e.mode, MODES, "eval.mode")
+    if e.monitor is not None and e.mode is not None:
+        _check(e.mode == MODE_OF[e.monitor], "eval.mode", f"{e.monitor} improves towards "
+               f"{'larger' if MODE_OF[e.monitor] == 'max' else 'smaller'} values; use eval.mode={MODE_OF[e.monitor]}")
+    _check(e.patience > 0, "eval.patience", f"must be > 0; got {e.patience}")
+    _check(e.min_delta >= 0, "eval.min_delta", f"must be >= 0; got {e.min_delta}")
+
+    p = cfg.probe
+    _check(0 <= p.memory_margin < 1, "probe.memory_margin", f"must be in [0, 1); got {p.memory_margin}")
+    _check(p.memory_budget_gb is None or p.memory_budget_gb > 0, "probe.memory_budget_gb",
+           f"must be > 0 or null; got {p.memory_budget_gb}")
+    for key in ("max_micro_batch_size", "min_batch_size", "throughput_time_s"):
+        _check(getattr(p, key) > 0, f"probe.{key}", f"must be > 0; got {getattr(p, key)}")
+    _check(p.throughput_remeasure >= 0, "probe.throughput_remeasure", f"must be >= 0; got {p.throughput_remeasure}")
+    _check(p.noise_batches >= 2, "probe.noise_batches", f"must be >= 2; got {p.noise_batches}")
+    _check(p.noise_accumulation >= 2, "probe.noise_accumulation", f"must be >= 2; got {p.noise_accumulation}")
+    _check(p.warmup_steps >= 0, "probe.warmup_steps", f"must be >= 0; got {p.warmup_steps}")
+
+    s = cfg.study
+    _one_of(cfg.pipeline, PIPELINES, "pipeline")
+    if cfg.pipeline == "study":
+        _check(e.target is not None, "eval.target", "the study measures steps to a target; set eval.target "
+               f"(a value of {e.monitor or 'the monitored metric'} every batch size should reach)")
+    _check(s.batch_sizes is None or (len(s.batch_sizes) > 0 and all(b > 0 for b in s.batch_sizes)),
+           "study.batch_sizes", f"must be positive sizes or null; got {s.batch_sizes}")
+    _check(s.lr_grid is None or (len(s.lr_grid) > 0 and all(m > 0 for m in s.lr_grid)), "study.lr_grid",
+           f"must be positive multipliers or null; got {s.lr_grid}")
+    for key in ("ladder_doublings", "seeds", "max_epochs", "evals_to_target", "parallelism"):
+        _check(getattr(s, key) > 0, f"study.{key}", f"must be > 0; got {getattr(s, key)}")
+    _one_of(s.lr_centre, ("noise_scale", "rule"), "study.lr_centre")
+    for key in ("lr_extensions", "divergence_retries", "confirm_seeds"):
+        _check(getattr(s, key) >= 0, f"study.{key}", f"must be >= 0; got {getattr(s, key)}")
+    _check(s.search_step_cap is None or s.search_step_cap >= 1, "study.search_step_cap",
+           f"must be >= 1 or null; got {s.search_step_cap}")
+    _check(0 < s.step_precision < 1, "study.step_precision", f"must be in (0, 1); got {s.step_precision}")
+    _check(s.max_steps is None or s.max_steps > 0, "study.max_steps", f"must be > 0 or null; got {s.max_steps}")
+
+    _one_of(cfg.tracking.mode, TRACKING_MODES, "tracking.mode")
+    _check(cfg.tracking.log_every_steps is None or cfg.tracking.log_every_steps > 0, "tracking.log_every_steps",
+           f"must be > 0 or null; got {cfg.tracking.log_every_steps}")
+    _one_of(cfg.platform.name, PLATFORMS, "platform.name")
+    if cfg.platform.name == "kubeflow":
+        validate_kubeflow(cfg.platform)
+    _check(cfg.platform.gpu.count >= 0, "platform.gpu.count", f"must be >= 0; got {cfg.platform.gpu.count}")
+    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
+    st = cfg.storage
+    _check(st.endpoint_url is None or st.endpoint_url.startswith(("http://", "https://")), "storage.endpoint_url",
+           f"must start with http:// or https:// (or be null for AWS); got {st.endpoint_url!r}")
+    _check(st.multipart_threshold_mb >= 5, "storage.multipart_threshold_mb",
+           f"must be >= 5 (S3's smallest part is 5 MiB); got {st.multipart_threshold_mb}")
+    _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1; got {st.max_attempts}")
+    for key in ("connect_timeout_s", "read_timeout_s"):
+        _check(getattr(st, key) > 0, f"storage.{key}", f"must be > 0; got {getattr(st, key)}")
+    reg = cfg.registry
+    if reg.uri is not None:
+        scheme = reg.uri.partition("://")[0] if "://" in reg.uri else ""
+        _check(bool(reg.uri) and scheme in ("", "file", "s3"), "registry.uri",
+               f"a local directory or s3://bucket/prefix (or null: <output_dir>/registry); got {reg.uri!r}")
+    _check(math.isfinite(reg.min_improvement) and reg.min_improvement >= 0, "registry.min_improvement",
+           f"must be a finite number >= 0; got {reg.min_improvement}")
+    _check(re.fullmatch(r"[A-Za-z0-9_.-]+", reg.wandb_artifact) is not None, "registry.wandb_artifact",
+           f"W&B artifact names take letters, digits, '-', '_' and '.'; got {reg.wandb_artifact!r}")
+    if cfg.run_id is not None:
+        _check(cfg.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(), "run_id",
+               f"use letters, digits, '-', '_' and '.' only; got {cfg.run_id!r}")
+        _check(cfg.run_id != "registry" or reg.uri is not None or not reg.enabled, "run_id",
+               "registry is where the model registry lives (<output_dir>/registry, registry.uri null); "
+               "choose another run_id")
+    for key, uri in (("output_dir", cfg.output_dir), ("resume_from", cfg.resume_from)):
+        scheme = str(uri).partition("://")[0] if uri and "://" in str(uri) else ""
+        _check(scheme in ("", "file", "s3"), key, f"a local path or s3://bucket/prefix; got {uri!r}")
+        # "s3:/bucket" (one slash) is a local directory named "s3:" to the OS: almost always a typo
+        _check(not (uri and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", str(uri))), key,
+               f"{uri!r} looks like a URI with one slash; write s3://bucket/prefix (or ./{uri} for a local directory)")
+
+
+def validate_kubeflow(pf: PlatformConfig) -> None:
+    """platform=kubeflow's keys. The cron itself is checked by pipelines/schedules.py before submit
+    contacts the server (components never import pipelines)."""
+    _check(bool(pf.host), "platform.host", "required with platform=kubeflow: the KFP API's URL, "
+           "e.g. platform.host=https://kubeflow.example.com/pipeline")
+    _check(pf.host.startswith(("http://", "https://")), "platform.host",
+           f"must start with http:// or https://; got {pf.host!r}")
+    _check(pf.ui_host is None or pf.ui_host.startswith(("http://", "https://")), "platform.ui_host",
+           f"must start with http:// or https:// (or be null: the host); got {pf.ui_host!r}")
+    if pf.namespace is not None:  # a Kubernetes namespace is a DNS label: a typo fails here, not as a 403
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+        _check(0 < len(pf.namespace) <= 63 and set(pf.namespace) <= allowed and pf.namespace[0] != "-"
+               and pf.namespace[-1] != "-", "platform.namespace",
+               f"a Kubernetes namespace: lowercase letters, digits and '-', at most 63; got {pf.namespace!r}")
+    _check(bool(pf.experiment.strip()), "platform.experiment", "must not be empty")
+    for key in ("token_env", "cookie_env"):
+        _check(bool(getattr(pf, key)), f"platform.{key}", "the name of an environment variable")
+    for key in ("request_timeout_s", "wait_timeout_s", "poll_interval_s"):
+        _check(getattr(pf, key) > 0, f"platform.{key}", f"must be > 0; got {getattr(pf, key)}")
+    _check(pf.schedule_name is None or bool(pf.schedule_name.strip()), "platform.schedule_name",
+           "must not be empty (null: <pipeline>-schedule)")
+    if pf.schedule_action is not None:
+        _one_of(pf.schedule_action, SCHEDULE_ACTIONS, "platform.schedule_action")
+        _check(pf.schedule is None, "platform.schedule_action", "manages an existing schedule; "
+               "platform.schedule creates or replaces one: set one of them")
+    _check(not (pf.wait and (pf.schedule or pf.schedule_action)), "platform.wait",
+           "a schedule starts its runs later, so there is no run to wait for")
