@@ -176,18 +176,22 @@ class Crash(Exception):
     pass
 
 
+def crash_at(n: int):
+    """An on_step callback that stops the run with Crash right after step n."""
+    def on_step(step):
+        if step == n:
+            raise Crash
+    return on_step
+
+
 def test_resume_ends_with_the_same_weights_and_rows_as_an_uninterrupted_run(digits, tmp_path):
     # dropout makes the RNG state part of what must be restored
     cfg = config(train={"max_steps": 80, "checkpoint_every_steps": 10, "micro_batch_size": 16},
                  eval={"every_steps": 15, "patience": 100}, model={"dropout": 0.1})
     full, full_result = train(cfg, digits, tmp_path / "full")
 
-    def crash_at_47(step):
-        if step == 47:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(cfg, digits, tmp_path / "resumed", on_step=crash_at_47)
+        train(cfg, digits, tmp_path / "resumed", on_step=crash_at(47))
     assert storage.load_torch(tmp_path / "resumed" / training.CHECKPOINT)["step"] == 40
     resumed, resumed_result = train(cfg, digits, tmp_path / "resumed")
 
@@ -227,12 +231,8 @@ def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(digits, tmp_
     cfg = config(train={"max_steps": 20, "checkpoint_every_steps": 10}, eval={"every_steps": 10, "patience": 100})
     full, _ = train(cfg, digits, tmp_path / "full")
 
-    def crash_at_15(step):
-        if step == 15:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(cfg, digits, tmp_path / "old", on_step=crash_at_15)
+        train(cfg, digits, tmp_path / "old", on_step=crash_at(15))
     path = tmp_path / "old" / training.CHECKPOINT
     ckpt = storage.load_torch(path)
     storage.save_torch({**ckpt, "rng": ckpt["rng"][0]}, path)  # the single-tensor form older runs wrote
