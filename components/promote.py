@@ -231,13 +231,7 @@ def track(cfg, config: dict, run_id: str, result: dict, candidate: Optional[dict
                            "promotion/value": result["value"], "promotion/improvement": result["improvement"],
                            "promotion/champion_run_id": champion.get("run_id"),
                            "promotion/champion_value": champion.get("value"), "promotion/seq": result["seq"]})
-        tracker.finish()
-        if tracker.mode != "disabled":
-            import wandb
-
-            # finish() can return before wandb-core has written the run's .wandb file (a copy made
-            # right after it held only its 7-byte header); teardown waits for the service to exit
-            wandb.teardown()
+        tracker.finish()  # waits until the run's files are written (Tracker.finish)
         store.sync(scratch, run_store.local_files(scratch, "wandb"))
 
 

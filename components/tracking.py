@@ -90,10 +90,9 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
-            if self.mode == "offline":
-                import wandb
+            import wandb
 
-                # finish() can return before the service has written the run file out (a copy taken
-                # right after once held only its 7-byte header); teardown waits for the service to
-                # exit, so the offline run is whole before a step publishes it (~0 s here)
-                wandb.teardown()
+            # finish() can return before the service has written the run file out (a copy taken
+            # right after once held only its 7-byte header); teardown waits for the service to
+            # exit, so the run's files are whole before a step publishes them (~0 s here)
+            wandb.teardown()
