@@ -195,6 +195,21 @@ def finish_the_step_on_sigterm(trainer: "Trainer"):
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def sigint_held():
+    """Hold SIGINT while Ctrl-C's checkpoint is saved and synced: a terminal's Ctrl-C reaches the
+    whole process group, and a second one cut the upload to s3:// short (the run then resumed
+    from the checkpoint before). A held SIGINT is delivered when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def advice(lr: float, plan: Plan) -> str:
     """What to try after a divergence, in one line."""
     warmup = max(10, plan.max_steps // 20)
@@ -456,7 +471,8 @@ class Trainer:
                     self._finish(bar)
         except KeyboardInterrupt:
             if not self.dist.distributed:  # across ranks Ctrl-C lands mid-collective on some: SIGTERM saves
-                self.save_checkpoint()  # Ctrl-C: the run resumes from here
+                with sigint_held():
+                    self.save_checkpoint()  # Ctrl-C: the run resumes from here
             raise
         finally:
             bar.close()
