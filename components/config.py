@@ -146,7 +146,11 @@ class EvalConfig:
 class TrackingConfig:
     mode: str = "offline"
     project: str = "convergence-pipeline"
-    group: Optional[str] = None
+    entity: Optional[str] = None  # null: $WANDB_ENTITY, else the API key's default entity
+    group: Optional[str] = None  # null: the run id; a schedule's runs get the schedule's name (submit)
+    # The promote step's W&B Report of the group's history (components/wandb_review.py); needs
+    # tracking.mode=online and WANDB_API_KEY, otherwise it is skipped in one line.
+    report: bool = True
     # W&B gets one row per evaluation (with the train loss averaged since the last one);
     # set N to also send every N-th train row. Online, measured here: each extra wandb.log
     # call costs ~5 ms of training time (the W&B service competes for the CPU); offline the

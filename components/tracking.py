@@ -21,6 +21,19 @@ def effective_mode(cfg: TrackingConfig) -> str:
     return cfg.mode
 
 
+def group_of(cfg: TrackingConfig, run_id: str) -> str:
+    """The W&B group of a pipeline run's step runs: tracking.group, or the run's own id."""
+    return cfg.group or run_id
+
+
+def for_schedule(config: dict, schedule: str) -> dict:
+    """The config compiled into a schedule: every run it starts (each with its own run id) lands in
+    the W&B group named after the schedule, unless tracking.group names one already."""
+    if config["tracking"].get("group"):
+        return config
+    return {**config, "tracking": {**config["tracking"], "group": schedule}}
+
+
 def follows_live(cfg: TrackingConfig) -> bool:
     """Online W&B runs follow training live; offline ones are written after it (see replay)."""
     return effective_mode(cfg) == "online"
@@ -50,7 +63,8 @@ def replay(tracker: "Tracker", rows: Iterable[dict]) -> None:
 
 
 class Tracker:
-    """One W&B run of one pipeline step (job_type train, evaluate, ...) of one pipeline run."""
+    """One W&B run of one pipeline step (job_type probe, train, evaluate, promote; study) of one
+    pipeline run, id <run_id>-<job_type>, in the group `group_of` names (a study passes its own)."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_id: str, job_type: str, config: dict,
                  group: Optional[str] = None):
@@ -62,7 +76,8 @@ class Tracker:
         import wandb
 
         self.run = wandb.init(
-            mode=self.mode, project=cfg.project, group=group or cfg.group or run_id, job_type=job_type,
+            mode=self.mode, project=cfg.project, entity=cfg.entity, group=group or group_of(cfg, run_id),
+            job_type=job_type,
             id=f"{run_id}-{job_type}", name=f"{run_id}-{job_type}", resume="allow",
             dir=str(run_dir), config=config, settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_machine_info=True, disable_git=True, disable_code=True),
         )

@@ -280,11 +280,16 @@ def compile_only(config: dict, local: Path) -> int:
 def on_kubeflow(config: dict, only_compile: bool) -> int:
     """platform=kubeflow: compile (no run id: KFP's, at run time) and submit the run or the schedule,
     or act on the schedule (platform.schedule_action); with platform.wait, the published run's
-    summary and a local run's exit status."""
+    summary and a local run's exit status. A schedule's compiled config has tracking.group set to
+    the schedule's name when it was null (components/tracking.py: for_schedule)."""
     pf = config["platform"]
     if pf["schedule_action"]:
         kubeflow.manage_schedule(config)
         return 0
+    if pf["schedule"]:  # all of the schedule's runs in one W&B group, named after it
+        from components.tracking import for_schedule
+
+        config = for_schedule(config, kubeflow.schedule_name(config))
     local = outputs.local_dir(config["output_dir"], f"submission-{new_run_id()}")  # this machine's copy
     save_submit_files(config, local, None)
     if only_compile:
