@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components.errors import ConfigError
+from components.placement import (GPU_STEPS, STEP_NAMES, PodResources, ResourcesConfig, RetryConfig,  # noqa: F401
+                                  SecretConfig, Toleration)
 
 DATA_NAMES = ("digits", "synthetic", "file", "dvc")
 DATA_FORMATS = ("csv", "parquet", "npz")
@@ -240,6 +242,13 @@ class PlatformConfig:
     schedule: Optional[str] = None
     schedule_name: Optional[str] = None  # null: <pipeline>-schedule; the same name replaces it
     schedule_action: Optional[str] = None  # pause, resume, delete or list the named schedule
+    # Placement on a cluster (pipelines/graph.py; conf/platform/kubeflow.yaml sets them): per step
+    # kind, requests, limits and a timeout; the GPU steps' nodes; retries; Secrets by name.
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    node_selector: Dict[str, str] = field(default_factory=dict)  # node labels the GPU steps need
+    tolerations: List[Toleration] = field(default_factory=list)  # taints the GPU steps' pods tolerate
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    secrets: List[SecretConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -140,6 +140,7 @@ def validate(cfg: Config) -> None:
     if cfg.platform.name == "kubeflow":
         validate_kubeflow(cfg.platform)
     _check(cfg.platform.gpu.count >= 0, "platform.gpu.count", f"must be >= 0; got {cfg.platform.gpu.count}")
+    validate_placement(cfg.platform)
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     st = cfg.storage
     _check(st.endpoint_url is None or st.endpoint_url.startswith(("http://", "https://")), "storage.endpoint_url",
@@ -199,3 +200,81 @@ def validate_kubeflow(pf: PlatformConfig) -> None:
                "platform.schedule creates or replaces one: set one of them")
     _check(not (pf.wait and (pf.schedule or pf.schedule_action)), "platform.wait",
            "a schedule starts its runs later, so there is no run to wait for")
+
+
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")  # what kfp's set_cpu_* accept (kfp/dsl/pipeline_task.py)
+_MEMORY = re.compile(r"([0-9]+)(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")  # and set_memory_*
+_UNITS = {None: 1, **{u: 1000 ** (i + 1) for i, u in enumerate("KMGTPE")},
+          **{u + "i": 1024 ** (i + 1) for i, u in enumerate("KMGTPE")}}
+_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_KEY = re.compile(r"[-._A-Za-z0-9]+")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _quantity(value: str, key: str) -> float:
+    """A Kubernetes cpu or memory quantity as a number (cores, bytes), or one line naming the key."""
+    if key.endswith(("cpu_request", "cpu_limit")):
+        _check(_CPU.fullmatch(value) is not None, key, f"a CPU quantity like 500m or 2; got {value!r}")
+        return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    match = _MEMORY.fullmatch(value)
+    _check(match is not None, key, f"a memory quantity like 512Mi or 16Gi; got {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _validate_pod(values: dict, key: str) -> None:
+    for name in ("cpu", "memory"):
+        request, limit = values.get(f"{name}_request"), values.get(f"{name}_limit")
+        amounts = {k: _quantity(str(v), f"{key}.{name}_{k}") for k, v in (("request", request), ("limit", limit))
+                   if v is not None}
+        _check(len(amounts) < 2 or amounts["request"] <= amounts["limit"], f"{key}.{name}_request",
+               f"{request} is more than the limit {limit}")
+    timeout = values.get("timeout_s")
+    _check(timeout is None or (type(timeout) is int and timeout > 0), f"{key}.timeout_s",
+           f"seconds > 0 or null; got {timeout!r}")
+
+
+def validate_placement(pf: PlatformConfig) -> None:
+    """platform.resources, node_selector, tolerations, retry and secrets (pipelines/graph.py applies them)."""
+    from dataclasses import asdict, fields
+
+    from components.config import GPU_STEPS, STEP_NAMES, PodResources
+
+    res = pf.resources
+    for kind in ("light", "heavy"):
+        _validate_pod(asdict(getattr(res, kind)), f"platform.resources.{kind}")
+    pod_keys = [f.name for f in fields(PodResources)]
+    for step, values in res.steps.items():
+        _one_of(step, STEP_NAMES, "platform.resources.steps")
+        _check(isinstance(values, dict), f"platform.resources.steps.{step}", f"a mapping of {', '.join(pod_keys)}")
+        for name in values:
+            _one_of(name, pod_keys, f"platform.resources.steps.{step}")
+        kind = "heavy" if step in GPU_STEPS else "light"
+        _validate_pod({**asdict(getattr(res, kind)), **values}, f"platform.resources.steps.{step}")
+    for label, value in pf.node_selector.items():
+        _check(bool(label) and value is not None, "platform.node_selector", f"label: value pairs; got {label}: {value}")
+    for i, t in enumerate(pf.tolerations):
+        key = f"platform.tolerations[{i}]"
+        _one_of(t.operator, ("Equal", "Exists"), f"{key}.operator")
+        _check(t.effect is None or t.effect in _TAINT_EFFECTS, f"{key}.effect",
+               f"must be one of {', '.join(_TAINT_EFFECTS)} or null; got {t.effect!r}")
+        _check(t.operator != "Exists" or t.value is None, f"{key}.value", "must be null with operator Exists")
+        _check(t.key is not None or t.operator == "Exists", f"{key}.key", "null (every taint) needs operator Exists")
+        _check(t.toleration_seconds is None or t.effect == "NoExecute", f"{key}.toleration_seconds",
+               "only with effect NoExecute")
+    r = pf.retry
+    _check(r.max_retries >= 0, "platform.retry.max_retries", f"must be >= 0; got {r.max_retries}")
+    for name in ("backoff_s", "backoff_max_s"):
+        _check(getattr(r, name) >= 0, f"platform.retry.{name}", f"must be >= 0; got {getattr(r, name)}")
+    _check(r.backoff_factor >= 1, "platform.retry.backoff_factor", f"must be >= 1; got {r.backoff_factor}")
+    for i, secret in enumerate(pf.secrets):
+        key = f"platform.secrets[{i}]"
+        _check(len(secret.secret_name) <= 253 and _DNS_SUBDOMAIN.fullmatch(secret.secret_name) is not None,
+               f"{key}.secret_name", f"a Kubernetes Secret's name (lowercase, digits, '-', '.'); got {secret.secret_name!r}")
+        _check(bool(secret.env), f"{key}.env", "map at least one ENV_VAR to a key of the Secret")
+        for env, secret_key in secret.env.items():
+            _check(_ENV_NAME.fullmatch(env) is not None, f"{key}.env", f"{env!r} is not an environment variable name")
+            _check(_SECRET_KEY.fullmatch(str(secret_key)) is not None, f"{key}.env.{env}",
+                   f"a key of the Secret (letters, digits, '-', '_', '.'); got {secret_key!r}")
+        for step in secret.steps or ():
+            _one_of(step, STEP_NAMES, f"{key}.steps")

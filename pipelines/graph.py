@@ -16,8 +16,9 @@ import json
 from types import SimpleNamespace
 from typing import Optional
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
+from components.config import GPU_STEPS
 from components.lineage import IMAGE_DIGEST_ENV
 from pipelines.steps import make_steps
 
@@ -44,27 +45,48 @@ def image_digest(image: str) -> Optional[str]:
 
 
 def _steps(config: dict) -> SimpleNamespace:
-    """The components in platform.image; each task carries the image's digest when it is known."""
+    """The components in platform.image, each task placed as platform.* says (_place)."""
     steps = make_steps(config["platform"]["image"])
-    digest = image_digest(config["platform"]["image"])
-    if digest is None:
-        return steps
 
-    def pinned(component):
-        return lambda **kwargs: component(**kwargs).set_env_variable(IMAGE_DIGEST_ENV, digest)
+    def placed(step, component):
+        return lambda **kwargs: _place(config["platform"], step, component(**kwargs))
 
-    return SimpleNamespace(**{name: pinned(component) for name, component in vars(steps).items()})
+    return SimpleNamespace(**{name: placed(name, component) for name, component in vars(steps).items()})
 
 
-def _gpu_request(config: dict):
-    gpu = config["platform"]["gpu"]
+def pod_resources(platform: dict, step: str) -> dict:
+    """The step's requests, limits and timeout: its kind's (heavy for GPU_STEPS, else light) with
+    platform.resources.steps.<step> over them."""
+    resources = platform["resources"]
+    return {**resources["heavy" if step in GPU_STEPS else "light"], **resources["steps"].get(step, {})}
 
-    def on_gpu(task):
-        if gpu["count"]:  # carried into the compiled YAML; kfp's local runner ignores it
-            task.set_accelerator_type(gpu["type"]).set_accelerator_limit(gpu["count"])
-        return task
 
-    return on_gpu
+def _place(platform: dict, step: str, task):
+    """Resources, timeout and retries on every task; accelerators (constants: a count from a pipeline
+    parameter compiles to a form older backends drop), node selectors and tolerations on the GPU
+    steps; the image's digest. All carried in the compiled YAML; kfp's local runner ignores them."""
+    pod = pod_resources(platform, step)
+    for key, setter in (("cpu_request", task.set_cpu_request), ("cpu_limit", task.set_cpu_limit),
+                        ("memory_request", task.set_memory_request), ("memory_limit", task.set_memory_limit)):
+        if pod[key] is not None:
+            setter(str(pod[key]))
+    if pod["timeout_s"]:
+        kubernetes.set_timeout(task, pod["timeout_s"])
+    if step in GPU_STEPS:
+        if platform["gpu"]["count"]:
+            task.set_accelerator_type(platform["gpu"]["type"]).set_accelerator_limit(platform["gpu"]["count"])
+        for label, value in platform["node_selector"].items():
+            kubernetes.add_node_selector(task, label, str(value))
+        for toleration in platform["tolerations"]:
+            kubernetes.add_toleration(task, **{k: v for k, v in toleration.items() if v is not None})
+    retry = platform["retry"]
+    if retry["max_retries"]:
+        task.set_retry(num_retries=retry["max_retries"], backoff_duration=f"{retry['backoff_s']}s",
+                       backoff_factor=retry["backoff_factor"], backoff_max_duration=f"{retry['backoff_max_s']}s")
+    digest = image_digest(platform["image"])
+    if digest is not None:
+        task.set_env_variable(IMAGE_DIGEST_ENV, digest)
+    return task
 
 
 def _prepare_data(steps, config_json):
@@ -75,8 +97,8 @@ def _prepare_data(steps, config_json):
     return steps.data_prep(config_json=config_json, data_source=resolved.output)
 
 
-def _probe(steps, on_gpu, config_json, prep):
-    probe = on_gpu(steps.probe(config_json=config_json, job_id=JOB_ID, dataset=prep.outputs["dataset"]))
+def _probe(steps, config_json, prep):
+    probe = steps.probe(config_json=config_json, job_id=JOB_ID, dataset=prep.outputs["dataset"])
     probe.set_caching_options(False)  # measures this hardware now
     return probe
 
@@ -87,7 +109,6 @@ def train_pipeline(config: dict):
     after evaluate has sealed the run: any decision is a success, so a diverged run (never
     promoted) still ends as the submitter reports it."""
     steps = _steps(config)
-    on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]
     fixed = config["train"]
     promote_enabled = config["registry"]["enabled"]
@@ -97,12 +118,12 @@ def train_pipeline(config: dict):
     def pipeline(config_json: str = compiled_config(config)):
         prep = _prepare_data(steps, config_json)
         if probe_enabled:
-            probe = _probe(steps, on_gpu, config_json, prep)
+            probe = _probe(steps, config_json, prep)
             batch, micro, decision = (probe.outputs[k] for k in ("batch_size", "micro_batch_size", "decision"))
         else:
             batch, micro, decision = fixed["batch_size"], fixed["micro_batch_size"], ""
-        train = on_gpu(steps.train(config_json=config_json, job_id=JOB_ID, batch_size=batch,
-                                   micro_batch_size=micro, dataset=prep.outputs["dataset"]))
+        train = steps.train(config_json=config_json, job_id=JOB_ID, batch_size=batch, micro_batch_size=micro,
+                            dataset=prep.outputs["dataset"])
         evaluate = steps.evaluate(config_json=config_json, job_id=JOB_ID, train_result=train.outputs["Output"],
                                   probe_decision=decision, dataset=prep.outputs["dataset"],
                                   model=train.outputs["model"])
@@ -122,19 +143,18 @@ def study_pipeline(config: dict):
     a cluster), each task running its batch's LR search run by run (components/lr_search.py), and
     the report step collects their rows."""
     steps = _steps(config)
-    on_gpu = _gpu_request(config)
     probe_enabled = config["probe"]["enabled"]
 
     @dsl.pipeline(name=STUDY_PIPELINE, description="steps, samples and time to target across batch sizes; "
                   "the critical batch size; a report")
     def pipeline(config_json: str = compiled_config(config)):
         prep = _prepare_data(steps, config_json)
-        decision = _probe(steps, on_gpu, config_json, prep).outputs["decision"] if probe_enabled else ""
+        decision = _probe(steps, config_json, prep).outputs["decision"] if probe_enabled else ""
         plan = steps.study_plan(config_json=config_json, job_id=JOB_ID, probe_decision=decision,
                                 dataset=prep.outputs["dataset"])
         plan.set_caching_options(False)  # its entries name this run's study id
         with dsl.ParallelFor(items=plan.output, parallelism=config["study"]["parallelism"]) as run:
-            trained = on_gpu(steps.study_run(run_json=run, dataset=prep.outputs["dataset"]))
+            trained = steps.study_run(run_json=run, dataset=prep.outputs["dataset"])
             trained.set_caching_options(False)  # keeps its runs in the study's store; resumes from their checkpoints
         report = steps.study_report(config_json=config_json, job_id=JOB_ID, rows=dsl.Collected(trained.output),
                                     probe_decision=decision)

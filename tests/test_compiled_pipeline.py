@@ -1,0 +1,114 @@
+"""The compiled pipeline as a cluster gets it (pipelines/graph.py): both YAML documents, the
+pipeline spec and the platform (kfp-kubernetes) spec, for the train and study pipelines."""
+
+import pytest
+import yaml
+from kfp import compiler
+
+from components.errors import ConfigError
+from pipelines import graph
+from pipelines.config import compose_config
+
+KUBEFLOW = ["platform=kubeflow", "platform.host=http://127.0.0.1:9", "output_dir=s3://b/runs", "data=digits"]
+STUDY = ["pipeline=study", "eval.target=0.9"]
+
+
+def compile_docs(tmp_path, *overrides, name="pipeline.yaml"):
+    """(pipeline spec, platform spec's executors) of the pipeline the overrides compose."""
+    path = tmp_path / name
+    compiler.Compiler().compile(graph.build_pipeline(compose_config([*KUBEFLOW, *overrides])), str(path))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert len(docs) == 2
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def all_tasks(spec) -> dict:
+    """Every task, in the root DAG and in the DAGs inside it (the exit handler's, ParallelFor's)."""
+    found = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        found.update(component.get("dag", {}).get("tasks", {}))
+    return found
+
+
+def containers(spec) -> dict:
+    return {name[len("exec-"):]: e["container"] for name, e in spec["deploymentSpec"]["executors"].items()}
+
+
+def test_gpu_steps_get_accelerators_heavy_resources_node_selectors_and_tolerations(tmp_path):
+    spec, platform = compile_docs(tmp_path, "platform.gpu.count=2", "platform.gpu.type=nvidia.com/gpu",
+                                  "++platform.node_selector={cloud.google.com/gke-accelerator: nvidia-l4}",
+                                  "+platform.resources.steps.train.memory_limit=64Gi")
+    pods = containers(spec)
+    assert set(pods) == {"resolve-data", "data-prep", "probe", "train", "evaluate", "promote"}
+    for step, pod in pods.items():
+        accelerator = pod["resources"].get("accelerator")
+        if step in ("probe", "train"):
+            assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
+            assert platform[f"exec-{step}"]["nodeSelector"] == {
+                "labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+            assert platform[f"exec-{step}"]["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert platform[f"exec-{step}"]["activeDeadlineSeconds"] == "86400"
+        else:
+            assert accelerator is None
+            assert "nodeSelector" not in platform[f"exec-{step}"] and "tolerations" not in platform[f"exec-{step}"]
+            assert platform[f"exec-{step}"]["activeDeadlineSeconds"] == "3600"
+    quantities = {step: tuple(pod["resources"][k] for k in ("resourceCpuRequest", "resourceCpuLimit",
+                                                           "resourceMemoryRequest", "resourceMemoryLimit"))
+                  for step, pod in pods.items()}
+    assert quantities == {"resolve-data": ("500m", "1", "1Gi", "2Gi"), "data-prep": ("500m", "1", "1Gi", "2Gi"),
+                          "probe": ("2", "4", "8Gi", "16Gi"), "train": ("2", "4", "8Gi", "64Gi"),
+                          "evaluate": ("500m", "1", "1Gi", "2Gi"), "promote": ("500m", "1", "1Gi", "2Gi")}
+
+
+def test_every_task_retries_with_backoff_from_config(tmp_path):
+    spec, _ = compile_docs(tmp_path, "platform.retry.max_retries=3", "platform.retry.backoff_s=30",
+                           "platform.retry.backoff_factor=3", "platform.retry.backoff_max_s=900")
+    policies = {name: task.get("retryPolicy") for name, task in all_tasks(spec).items() if "componentRef" in task
+                and name in containers(spec)}
+    assert set(policies) == set(containers(spec))
+    assert all(p == {"maxRetryCount": 3, "backoffDuration": "30s", "backoffFactor": 3.0,
+                     "backoffMaxDuration": "900s"} for p in policies.values()), policies
+
+
+def test_the_study_places_each_batch_run_on_a_gpu_and_the_rest_on_light_pods(tmp_path):
+    spec, platform = compile_docs(tmp_path, *STUDY, "platform.gpu.count=1")
+    pods = containers(spec)
+    assert {step for step, pod in pods.items() if "accelerator" in pod["resources"]} == {"probe", "study-run"}
+    assert {step for step in pods if "tolerations" in platform[f"exec-{step}"]} == {"probe", "study-run"}
+    assert pods["study-run"]["resources"]["resourceMemoryLimit"] == "16Gi"
+    assert pods["study-plan"]["resources"]["resourceMemoryLimit"] == "2Gi"
+
+
+def test_the_local_platform_compiles_no_placement_and_no_retries(tmp_path):
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(graph.build_pipeline(compose_config(["platform.gpu.count=1"])), str(path))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    spec = docs[0]
+    pods = containers(spec)
+    # the local runner honours retries (sleeping between them): none; resources it ignores: none either
+    assert not any("retryPolicy" in task for task in all_tasks(spec).values())
+    assert {step for step, pod in pods.items() if pod.get("resources")} == {"probe", "train"}
+    assert all(set(pods[s]["resources"]) == {"accelerator"} for s in ("probe", "train"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("platform.resources.heavy.cpu_request=8", r"platform\.resources\.heavy\.cpu_request: 8 is more than the limit 4"),
+    ("platform.resources.light.memory_limit=2GB", r"platform\.resources\.light\.memory_limit: a memory quantity like "
+                                                  r"512Mi or 16Gi; got '2GB'"),
+    ("+platform.resources.steps.trian.cpu_limit=2", r"platform\.resources\.steps: must be one of resolve_data, "),
+    ("+platform.resources.steps.train.gpus=2", r"platform\.resources\.steps\.train: must be one of cpu_request, "),
+    ("platform.resources.heavy.timeout_s=0", r"platform\.resources\.heavy\.timeout_s: seconds > 0 or null; got 0"),
+    ("platform.tolerations=[{key: gpu, operator: Exists, value: x}]",
+     r"platform\.tolerations\[0\]\.value: must be null with operator Exists"),
+    ("platform.tolerations=[{key: gpu, effect: NoRun}]", r"platform\.tolerations\[0\]\.effect: must be one of"),
+    ("platform.retry.backoff_factor=0.5", r"platform\.retry\.backoff_factor: must be >= 1; got 0\.5"),
+])
+def test_bad_placement_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        compose_config([*KUBEFLOW, override])
+
+
+def test_placement_keys_are_refused_with_the_local_platform():
+    with pytest.raises(ConfigError, match=r"^platform\.tolerations: only used with platform=kubeflow"):
+        compose_config(["platform.tolerations=[]"])
