@@ -1,4 +1,4 @@
-"""How many CPU threads torch should use: the CPUs this process may really run on.
+"""What this process may really use: the CPUs it may run on (so torch's threads fit) and its memory limit.
 
 os.cpu_count() counts the machine's CPUs, not this process's share of them: a container limited
 by a cgroup CPU quota, or a process pinned to some cores (taskset, a scheduler's affinity mask),
@@ -6,6 +6,11 @@ sees all of them. torch sizes its intra-op pool from that count, and OpenMP thre
 outnumber the CPUs wait on each other at every op (measured on a 2-core machine: a step that
 takes 0.4 ms went to 130 ms while another process kept a core busy). Every step that trains or
 times (probe, train, study_run) calls `configure_threads` first.
+
+Memory is the same story: a pod's container sees the node's RAM in /proc/meminfo and sysconf, but
+the kernel kills it at its cgroup's limit. `memory_limit_bytes` reads that limit (v2 memory.max,
+v1 memory.limit_in_bytes, the tightest of the cgroup and those above it); the probe sizes its CPU
+memory budget from it (components/probe.py: memory_budget).
 """
 
 import math
@@ -27,6 +32,13 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
     quotas = [q for q in _quotas(Path(cgroup_root), Path(proc_cgroup)) if q is not None]
     limit = min([affinity, *(math.floor(q) for q in quotas)])
     return max(1, limit)
+
+
+def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> Optional[int]:
+    """The tightest memory limit, in bytes, of this process's cgroup and the cgroups above it (v2
+    memory.max, v1 memory.limit_in_bytes); None when no cgroup limits it."""
+    limits = [b for b in _memory_limits(Path(cgroup_root), Path(proc_cgroup)) if b is not None]
+    return min(limits) if limits else None
 
 
 def configure_threads(train_cfg) -> int:
@@ -66,6 +78,36 @@ def _quotas(root: Path, proc_cgroup: Path) -> Iterator[Optional[float]]:
     if not proc_cgroup.exists():  # no /proc: look at the root of either layout
         yield _v2_quota(root / "cpu.max")
         yield _v1_quota(root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us")
+
+
+def _memory_limits(root: Path, proc_cgroup: Path) -> Iterator[Optional[int]]:
+    """Memory limits (bytes) of this process's cgroups and their ancestors, v2 and v1."""
+    for hierarchy, controllers, path in _memberships(proc_cgroup):
+        if hierarchy == "0" and not controllers:
+            for directory in _ancestors([root], path):
+                yield _bytes(directory / "memory.max")
+        elif "memory" in controllers.split(","):
+            for directory in _ancestors([root / "memory"], path):
+                yield _bytes(directory / "memory.limit_in_bytes")
+    if not proc_cgroup.exists():
+        yield _bytes(root / "memory.max")
+        yield _bytes(root / "memory" / "memory.limit_in_bytes")
+
+
+# v1 writes "no limit" as the largest page-aligned counter (9223372036854771712 on 4 KiB pages)
+_V1_UNLIMITED = 2 ** 62
+
+
+def _bytes(limit_file: Path) -> Optional[int]:
+    try:
+        text = limit_file.read_text().strip()
+    except OSError:
+        return None
+    try:
+        value = int(text)  # v2 says "max" for no limit
+    except ValueError:
+        return None
+    return value if 0 < value < _V1_UNLIMITED else None
 
 
 def _memberships(proc_cgroup: Path) -> List[tuple]:

@@ -48,9 +48,15 @@ def memory_budget(cfg: Config, device: torch.device) -> tuple:
     if explicit:
         return int(explicit), (f"CPU: probe.memory_budget_gb={cfg.probe.memory_budget_gb}; a micro-step's need is "
                                "parameters, gradients, optimizer state, inputs and the activations autograd saves")
+    # In a pod the node's RAM is not what this process may use: its cgroup's memory limit is.
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(ram // 4), (f"CPU: a quarter of RAM ({ram / 2**30:.1f} GiB); a micro-step's need is parameters, "
-                           "gradients, optimizer state, inputs and the activations autograd saves")
+    limit = cpu.memory_limit_bytes()
+    if limit is not None and limit < ram:
+        total, what = limit, f"the cgroup's memory limit ({limit / 2**30:.1f} GiB; the machine has {ram / 2**30:.1f})"
+    else:
+        total, what = ram, f"RAM ({ram / 2**30:.1f} GiB)"
+    return int(total // 4), (f"CPU: a quarter of {what}; a micro-step's need is parameters, "
+                             "gradients, optimizer state, inputs and the activations autograd saves")
 
 
 def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device: torch.device, *,

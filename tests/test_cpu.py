@@ -101,3 +101,52 @@ def test_cpu_threads_must_be_positive():
     assert config(train={"cpu_threads": 2}).train.cpu_threads == 2
     with pytest.raises(ConfigError, match=r"^train.cpu_threads: must be > 0 or null; got 0$"):
         config(train={"cpu_threads": 0})
+
+
+# --- memory: the cgroup's limit, not the machine's RAM ----------------------------------------
+
+GiB = 2 ** 30
+
+
+def test_cgroup_v2_memory_max_the_tightest_of_the_process_and_its_parents(tmp_path):
+    root, proc = cgroup(tmp_path, "0::/kubepods/pod1/ctr\n",
+                        {"kubepods/memory.max": str(64 * GiB), "kubepods/pod1/memory.max": str(6 * GiB) + "\n",
+                         "kubepods/pod1/ctr/memory.max": "max\n"})
+    assert cpu.memory_limit_bytes(root, proc) == 6 * GiB
+    # inside a container: its own cgroup is the mount's root
+    root, proc = cgroup(tmp_path / "ns", "0::/kubepods/pod1/ctr\n", {"memory.max": "2147483648"})
+    assert cpu.memory_limit_bytes(root, proc) == 2 * GiB
+    root, proc = cgroup(tmp_path / "none", "0::/job\n", {"job/memory.max": "max"})
+    assert cpu.memory_limit_bytes(root, proc) is None
+
+
+def test_cgroup_v1_memory_limit_in_bytes_and_its_no_limit_value(tmp_path):
+    membership = "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n"
+    root, proc = cgroup(tmp_path, membership, {"memory/docker/abc/memory.limit_in_bytes": str(3 * GiB),
+                                               "memory/docker/memory.limit_in_bytes": str(8 * GiB)})
+    assert cpu.memory_limit_bytes(root, proc) == 3 * GiB
+    root, proc = cgroup(tmp_path / "unlimited", "5:memory:/\n",
+                        {"memory/memory.limit_in_bytes": "9223372036854771712\n"})
+    assert cpu.memory_limit_bytes(root, proc) is None
+    assert cpu.memory_limit_bytes(tmp_path / "no-cgroup", tmp_path / "no_proc_file") is None
+
+
+@pytest.mark.parametrize("limit, expected_total, said", [
+    (2 * GiB, 2 * GiB, "a quarter of the cgroup's memory limit (2.0 GiB; the machine has "),
+    (None, None, "a quarter of RAM ("),
+    (2 ** 50, None, "a quarter of RAM ("),  # a limit above the machine's RAM: the RAM
+])
+def test_the_probe_budget_on_cpu_is_a_quarter_of_the_pod_limit_not_of_the_node(tmp_path, monkeypatch, limit,
+                                                                               expected_total, said):
+    from components import probe
+
+    files = {"pod/memory.max": str(limit) if limit else "max"}
+    root, proc = cgroup(tmp_path, "0::/pod\n", files)
+    real = cpu.memory_limit_bytes
+    monkeypatch.setattr(cpu, "memory_limit_bytes", lambda: real(root, proc))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget, why = probe.memory_budget(config(), torch.device("cpu"))
+    assert budget == (expected_total or ram) // 4
+    assert why.startswith(f"CPU: {said}")
+    # probe.memory_budget_gb, when set, is the budget whatever the cgroup says
+    assert probe.memory_budget(config(probe={"memory_budget_gb": 0.5}), torch.device("cpu"))[0] == GiB // 2
