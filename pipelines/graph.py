@@ -62,9 +62,10 @@ def pod_resources(platform: dict, step: str) -> dict:
 
 
 def _place(platform: dict, step: str, task):
-    """Resources, timeout and retries on every task; accelerators (constants: a count from a pipeline
-    parameter compiles to a form older backends drop), node selectors and tolerations on the GPU
-    steps; the image's digest. All carried in the compiled YAML; kfp's local runner ignores them."""
+    """Resources, timeout and retries on every task, platform.secrets on the steps they name;
+    accelerators (constants: a count from a pipeline parameter compiles to a form older backends
+    drop), node selectors and tolerations on the GPU steps; the image's digest. All carried in the
+    compiled YAML; kfp's local runner ignores them (and honours retries)."""
     pod = pod_resources(platform, step)
     for key, setter in (("cpu_request", task.set_cpu_request), ("cpu_limit", task.set_cpu_limit),
                         ("memory_request", task.set_memory_request), ("memory_limit", task.set_memory_limit)):
@@ -83,6 +84,10 @@ def _place(platform: dict, step: str, task):
     if retry["max_retries"]:
         task.set_retry(num_retries=retry["max_retries"], backoff_duration=f"{retry['backoff_s']}s",
                        backoff_factor=retry["backoff_factor"], backoff_max_duration=f"{retry['backoff_max_s']}s")
+    for secret in platform["secrets"]:  # names and keys only: the values stay in the cluster
+        if secret["steps"] is None or step in secret["steps"]:
+            for env, key in secret["env"].items():
+                kubernetes.use_secret_as_env(task, secret["secret_name"], {key: env}, optional=secret["optional"])
     digest = image_digest(platform["image"])
     if digest is not None:
         task.set_env_variable(IMAGE_DIGEST_ENV, digest)

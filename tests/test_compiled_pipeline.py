@@ -112,3 +112,66 @@ def test_bad_placement_is_one_line_naming_the_key(override, message):
 def test_placement_keys_are_refused_with_the_local_platform():
     with pytest.raises(ConfigError, match=r"^platform\.tolerations: only used with platform=kubeflow"):
         compose_config(["platform.tolerations=[]"])
+
+
+def secret_as_env(name: str, key: str, env: str, optional: bool = True) -> dict:
+    return {"secretName": name, "secretNameParameter": {"runtimeValue": {"constant": name}},
+            "keyToEnv": [{"secretKey": key, "envVar": env}], "optional": optional}
+
+
+def test_secrets_reach_their_steps_as_names_and_keys_never_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-value-5f1c0d")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-value-9e2d7a")
+    spec, platform = compile_docs(tmp_path)
+    text = (tmp_path / "pipeline.yaml").read_text()
+    assert "wandb-value-5f1c0d" not in text and "aws-value-9e2d7a" not in text
+    aws = [secret_as_env("aws-credentials", "access-key-id", "AWS_ACCESS_KEY_ID"),
+           secret_as_env("aws-credentials", "secret-access-key", "AWS_SECRET_ACCESS_KEY")]
+    wandb = [secret_as_env("wandb", "api-key", "WANDB_API_KEY")]
+    for step, pod in containers(spec).items():
+        logs_to_wandb = step in ("probe", "train", "evaluate", "promote")
+        assert platform[f"exec-{step}"]["secretAsEnv"] == (wandb if logs_to_wandb else []) + aws, step
+        assert "env" not in pod  # no variable of ours in the container spec (the digest comes by tag here)
+
+
+def test_a_secret_of_your_own_on_the_steps_you_name(tmp_path):
+    _, platform = compile_docs(tmp_path, "platform.secrets=[{secret_name: hf-token, env: {HF_TOKEN: token}, "
+                                         "steps: [data_prep]}]")
+    assert {name: e.get("secretAsEnv") for name, e in platform.items() if e.get("secretAsEnv")} == {
+        "exec-data-prep": [secret_as_env("hf-token", "token", "HF_TOKEN", optional=False)]}
+
+
+@pytest.mark.parametrize("secrets, message", [
+    ("[{secret_name: Bad_Name, env: {X: y}}]", r"platform\.secrets\[0\]\.secret_name: a Kubernetes Secret's name"),
+    ("[{secret_name: s, env: {}}]", r"platform\.secrets\[0\]\.env: map at least one ENV_VAR"),
+    ("[{secret_name: s, env: {1X: y}}]", r"platform\.secrets\[0\]\.env: '1X' is not an environment variable name"),
+    ("[{secret_name: s, env: {X: y}, steps: [trian]}]", r"platform\.secrets\[0\]\.steps: must be one of"),
+])
+def test_bad_secrets_are_one_line(secrets, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        compose_config([*KUBEFLOW, f"platform.secrets={secrets}"])
+
+
+# --- under kfp's local runner ----------------------------------------------------------------------
+
+CHEAP = ["data=digits", "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=64",
+         "train.max_steps=20", "--no-progress"]
+
+
+def test_secret_values_in_the_environment_appear_in_no_file_of_a_local_run(tmp_path, monkeypatch):
+    """W&B offline (its config is what tracking records), every step: summary.json, the W&B runs,
+    pipeline.log (every task's log), the report, the model."""
+    from pipelines import submit
+
+    values = {"WANDB_API_KEY": "wandb-value-5f1c0d" * 2, "AWS_SECRET_ACCESS_KEY": "aws-value-9e2d7a" * 2}
+    monkeypatch.delenv("WANDB_MODE")
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert submit.main([f"output_dir={tmp_path / 'runs'}", "run_id=leakcheck-7f3a", *CHEAP]) == 0
+    run_dir = tmp_path / "runs" / "leakcheck-7f3a"
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {"summary.json", "pipeline.log", "config.yaml", "model.pt"} <= {p.name for p in files}
+    # the W&B runs are there, and a byte search reads their config (it names the run)
+    assert any(b"leakcheck-7f3a" in p.read_bytes() for p in files if p.suffix == ".wandb")
+    leaked = [str(p.relative_to(run_dir)) for p in files for v in values.values() if v.encode() in p.read_bytes()]
+    assert leaked == []
