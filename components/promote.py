@@ -10,8 +10,11 @@ Decision, on the monitored metric (eval.monitor's name on the test split, toward
   was on the same test data version (and metric); otherwise its model is re-scored on this test
   split first, exactly as evaluate scores the challenger. A champion that cannot score this data
   at all (another task, input shape or set of classes) is replaced.
-The decision and its reason go to the registry's history, W&B (the model as an artifact, the
-"champion" alias on promotion) and the returned dict (summary.json's "promotion").
+The decision and its reason go to the registry's history (with the run's W&B group and time to
+target), W&B (the promote run's summary, the model as an artifact, the "champion" alias on
+promotion) and the returned dict (summary.json's "promotion"). Then the W&B Report of the group's
+history is created or updated (components/wandb_review.py; tracking.mode=online with
+WANDB_API_KEY, else skipped in one line) and its URL printed and returned as "wandb_report".
 
     python -m components.promote --config config.yaml --summary summary.json --model model.pt \
         --dataset dataset/ --run-dir runs/r1 [--out promotion.json]
@@ -28,14 +31,14 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from components import datasets, metrics, run_store, storage
+from components import datasets, metrics, run_store, storage, wandb_review
 from components.config import for_dataset, load_config_file, parse_config
 from components.errors import DataError, StorageError, exit_on_user_error
 from components.evaluate import manifest_extra
 from components.registry import Registry
 from components.run_record import SUMMARY_FILE
 from components.run_store import RunStore, join_uri
-from components.tracking import Tracker
+from components.tracking import Tracker, group_of
 from components.train import MODEL_FILE, load_model
 
 REL_TOL = 1e-9  # k/n accuracies read back from floats can land an ulp under min_improvement
@@ -46,10 +49,12 @@ def registry_uri(cfg) -> str:
     return cfg.registry.uri or join_uri(cfg.output_dir, "registry")
 
 
-def run(config: dict, summary: dict, model_path: str, dataset_path: str, store=None) -> dict:
+def run(config: dict, summary: dict, model_path: str, dataset_path: str, store=None,
+        reports: Optional[wandb_review.WandbReports] = None) -> dict:
     """Decide on the run whose evaluate step wrote `summary` (its model at model_path, its store
     `store`: a RunStore or location, None: `<output_dir>/<run_id>`) and record the decision.
-    Returns it, with the registry's URI and its number in the history."""
+    Returns it, with the registry's URI, its number in the history and the W&B Report's URL
+    (None when none was saved). `reports`: where the report is saved (W&B's server by default)."""
     data = datasets.load(Path(dataset_path))
     config = for_dataset(config, data.manifest)
     cfg = parse_config(config)
@@ -67,7 +72,8 @@ def run(config: dict, summary: dict, model_path: str, dataset_path: str, store=N
     def decide(champion: Optional[dict]) -> dict:
         base = {"run_id": run_id, "metric": f"test/{metric}", "mode": mode, "value": summary["test"].get(metric),
                 "data_version": data.data_version, "min_improvement": cfg.registry.min_improvement,
-                "champion": None, "improvement": None}
+                "champion": None, "improvement": None, "time_to_target_s": summary.get("time_to_target_s"),
+                "wandb_group": group_of(cfg.tracking, run_id)}  # the last two: the group's W&B report
         if refusal:
             return {**base, "promoted": False, "reason": refusal}
         if champion is None:
@@ -75,10 +81,14 @@ def run(config: dict, summary: dict, model_path: str, dataset_path: str, store=N
                                                         f"(test/{metric} {candidate['value']:.6g}, test data {data.data_version})"}
         return {**base, **against(candidate, champion, data, cfg, rescored)}
 
-    entry = Registry.open(registry_uri(cfg), cfg.storage).promote(candidate, decide)
+    registry = Registry.open(registry_uri(cfg), cfg.storage)
+    entry = registry.promote(candidate, decide)
     result = {**entry["decision"], "seq": entry["seq"], "registry": registry_uri(cfg)}
-    print(f"promote: {result['reason']}", flush=True)
     track(cfg, config, run_id, result, candidate, store, data.data_version)
+    result["wandb_report"], line = wandb_review.review(cfg, registry, reports)
+    if line:
+        print(f"promote: {line}", flush=True)
+    print(f"promote: {result['reason']}", flush=True)  # last: the step's status line (pipelines/progress.py)
     return result
 
 
@@ -213,9 +223,10 @@ def renormalize(x: np.ndarray, now: dict, then: dict) -> np.ndarray:
 
 def track(cfg, config: dict, run_id: str, result: dict, candidate: Optional[dict], store: RunStore,
           data_version: str) -> None:
-    """The decision in W&B (job type promote): in the run's summary, and the model as an artifact
-    (a reference to the run's model.pt: nothing is uploaded twice, and offline nothing needs a
-    server) whose "champion" alias moves to it on promotion (W&B keeps an alias on one version)."""
+    """The decision in W&B (job type promote, in the run's group): in the run's summary, and the
+    model as an artifact (a reference to the run's model.pt: nothing is uploaded twice, and offline
+    nothing needs a server) whose "champion" alias moves to it on promotion (W&B keeps an alias on
+    one version)."""
     with storage.scratch_dir(f"promote-{run_id}-") as scratch:
         tracker = Tracker(cfg.tracking, scratch, run_id, "promote", {**config, "data_version": data_version})
         if tracker.run is not None and candidate is not None:
@@ -226,11 +237,7 @@ def track(cfg, config: dict, run_id: str, result: dict, candidate: Optional[dict
                                                 **{f"test/{k}": v for k, v in candidate["test"].items()}})
             artifact.add_reference(reference(candidate["model_uri"]), name=MODEL_FILE, checksum=False)
             tracker.run.log_artifact(artifact, aliases=[run_id, CHAMPION_ALIAS] if result["promoted"] else [run_id])
-        champion = result["champion"] or {}
-        tracker.summarize({"promotion/promoted": result["promoted"], "promotion/reason": result["reason"],
-                           "promotion/value": result["value"], "promotion/improvement": result["improvement"],
-                           "promotion/champion_run_id": champion.get("run_id"),
-                           "promotion/champion_value": champion.get("value"), "promotion/seq": result["seq"]})
+        tracker.summarize(wandb_review.promote_summary(result))  # what the group's report plots
         tracker.finish()  # waits until the run's files are written (Tracker.finish)
         store.sync(scratch, run_store.local_files(scratch, "wandb"))
 

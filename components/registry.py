@@ -9,6 +9,8 @@ Layout, as keys of a RunStore (components/run_store.py) at the registry's URI:
 - champion.json: {seq, champion, updated_at}, a copy of the newest entry's champion for readers
   that want one fixed key. It only moves forward; after a crash between the two writes it lags
   one decision, and the next promotion brings it up to date.
+- wandb_reports/<group>.json: {group, entity, project, id, url, ...}, the W&B Report of a W&B
+  group's history (components/wandb_review.py), so the next run updates that report.
 
 Atomicity: an entry is created only if its number is free (S3 `If-None-Match: *`, locally
 link(2)), so of two promotions racing for number n exactly one lands; the other reads the new
@@ -37,12 +39,18 @@ ENTRY_KEY = re.compile(r"history/(\d{12})\.json")
 # Promotions that may land between this one's read and write before it gives up (each lost race
 # means another promotion landed: a schedule with max_concurrency=1 never gets near this).
 MAX_RACES = 20
+REPORTS = "wandb_reports/"
 RESTORE_ENTRY = "the history is append-only: restore the entry from a backup; nothing was changed"
 REWRITE_POINTER = "it copies the newest history entry: delete it and the next promotion writes it again"
 
 
 def entry_key(seq: int) -> str:
     return f"{HISTORY}{seq:012d}.json"
+
+
+def report_key(group: str) -> str:
+    # a readable key; the group itself is inside (two groups that map to one key: the later wins)
+    return f"{REPORTS}{re.sub(r'[^A-Za-z0-9._-]', '_', group)}.json"
 
 
 def now() -> str:
@@ -125,6 +133,18 @@ class Registry:
                 return
         raise StorageError(f"{join_uri(self.uri, POINTER)}: kept changing while decision {entry['seq']} was copied "
                            "to it; the history holds the decision, the next promotion brings the pointer up to date")
+
+    # -- the W&B Report of a group (components/wandb_review.py) ---------------------------------
+    def report_link(self, group: str) -> Optional[dict]:
+        """Where the group's W&B Report is, as keep_report_link stored it; None: none yet."""
+        tagged = self.store.read_tagged(report_key(group))
+        if tagged is None:
+            return None
+        link = _parse(tagged[0], join_uri(self.uri, report_key(group)), "delete it: the next report is a new one")
+        return link if link.get("group") == group else None
+
+    def keep_report_link(self, group: str, link: dict) -> None:
+        self.store.put_bytes(report_key(group), encode({**link, "group": group, "updated_at": now()}))
 
     # -- parsing -------------------------------------------------------------------------------
     def _entry_keys(self) -> List[str]:

@@ -5,7 +5,6 @@ the pointer and history on a local directory and on the moto S3 server; racing p
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from components.predict import Predictor
 from components.registry import POINTER, Registry, entry_key
 from components.run_store import RunStore
 from conftest import config
+import wandb_files
 
 ROOT = Path(__file__).resolve().parents[1]
 # steps of training per run: test accuracy and loss improve from each to the next (checked below)
@@ -186,7 +186,8 @@ def test_the_registry_on_s3_holds_pointer_history_and_re_scores_a_champion_store
         promote_run(lab, "on_b", tmp_path / "local", data="B")["champion"]["value"]
     history = Registry.open(reg, settings).history()
     assert [e["seq"] for e in history] == [1, 2, 3]
-    assert history[-1]["decision"] == {k: v for k, v in decision.items() if k not in ("seq", "registry")}
+    assert history[-1]["decision"] == {k: v for k, v in decision.items()
+                                       if k not in ("seq", "registry", "wandb_report")}
 
 
 def racing(monkeypatch, n=2):
@@ -308,28 +309,6 @@ def test_registry_settings_are_checked_in_one_line(registry, message):
 
 # ---------------------------------------------------------------------------- W&B
 
-def wandb_artifacts(run_dir: Path, run_id: str):
-    """(name, aliases) of every artifact an offline W&B run logged: its .wandb file is a LevelDB
-    log of protobuf Records (wandb 0.31 has no public reader)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = run_dir.glob(f"wandb/offline-run-*-{run_id}-promote/run-*.wandb")
-    data, pos, block, chunks, found = path.read_bytes(), 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        chunks = chunk if kind in (1, 2) else chunks + chunk
-        if kind in (1, 4):  # a whole record, or its last chunk
-            record = pb.Record()
-            record.ParseFromString(chunks)
-            if record.WhichOneof("record_type") == "artifact":
-                found.append((record.artifact.name, set(record.artifact.aliases)))
-    return found
-
-
 def test_w_and_b_offline_gets_the_model_and_moves_the_champion_alias_only_on_promotion(lab, tmp_path, monkeypatch):
     import shutil
 
@@ -342,5 +321,67 @@ def test_w_and_b_offline_gets_the_model_and_moves_the_champion_alias_only_on_pro
     offline = {"tracking": {"mode": "offline"}}
     assert promote_run(copy, "strong", tmp_path / "reg", **offline)["promoted"]
     assert not promote_run(copy, "weak", tmp_path / "reg", **offline)["promoted"]
-    assert wandb_artifacts(runs / "strong", "strong") == [("model", {"strong", "champion", "latest"})]
-    assert wandb_artifacts(runs / "weak", "weak") == [("model", {"weak", "latest"})]
+    strong, weak = (wandb_files.offline_file(runs / r, r, "promote") for r in ("strong", "weak"))
+    assert wandb_files.artifacts(strong) == [("model", {"strong", "champion", "latest"})]
+    assert wandb_files.artifacts(weak) == [("model", {"weak", "latest"})]
+
+
+def test_the_promote_run_is_in_the_runs_w_and_b_group_with_the_decision_in_its_summary(lab, tmp_path, monkeypatch,
+                                                                                        capsys):
+    import shutil
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    runs = tmp_path / "runs"
+    copy = {**lab, "runs": dict(lab["runs"])}
+    for run_id in ("weak", "mid"):
+        shutil.copytree(lab["runs"][run_id]["dir"], runs / run_id)
+        copy["runs"][run_id] = {**lab["runs"][run_id], "dir": runs / run_id, "model": runs / run_id / "model.pt"}
+    first = promote_run(copy, "weak", tmp_path / "reg", tracking={"mode": "offline"})  # a one-off run
+    second = promote_run(copy, "mid", tmp_path / "reg", tracking={"mode": "offline", "group": "nightly"})
+    settings = [wandb_files.run_settings(wandb_files.offline_file(runs / r, r, "promote")) for r in ("weak", "mid")]
+    assert [(s["id"], s["group"], s["job_type"]) for s in settings] == [("weak-promote", "weak", "promote"),
+                                                                          ("mid-promote", "nightly", "promote")]
+    summary = wandb_files.summary(wandb_files.offline_file(runs / "mid", "mid", "promote"))
+    assert summary == {"promotion/promoted": True, "promotion/reason": second["reason"],
+                       "promotion/value": value(lab, "mid", "accuracy"), "promotion/improvement": second["improvement"],
+                       "promotion/time_to_target_s": None, "promotion/champion_run_id": "weak",
+                       "promotion/champion_value": value(lab, "weak", "accuracy"), "promotion/seq": 2}
+    # the group and time to target are in the history too: the group's W&B report reads them
+    history = Registry.open(str(tmp_path / "reg")).history()
+    assert [(e["decision"]["wandb_group"], e["decision"]["time_to_target_s"]) for e in history] == \
+        [("weak", None), ("nightly", None)]
+    # offline: no report, said in one line before the decision (the step's last line, its status)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("promote: ")]
+    skipped = "promote: W&B report skipped: no WANDB_API_KEY in the environment (a report is saved on W&B's server)"
+    assert lines == [skipped, f"promote: {first['reason']}", skipped, f"promote: {second['reason']}"]
+    assert first["wandb_report"] is None and second["wandb_report"] is None
+
+
+def test_online_the_groups_report_is_created_then_updated_and_its_url_printed_and_returned(lab, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """W&B's server cannot run here: the promote runs' W&B calls are off (disabled Tracker) and the
+    report goes to a recorder (tests/test_wandb_review.py holds the contract test of the real save)."""
+    from dataclasses import replace
+
+    from components.tracking import Tracker
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(promote, "Tracker", lambda cfg, *args, **kw: Tracker(replace(cfg, mode="disabled"), *args, **kw))
+    saver, reg, scheduled = wandb_files.Recorder(), tmp_path / "reg", {"mode": "online", "group": "nightly"}
+    results = []
+    for run_id in ("weak", "strong"):
+        run = lab["runs"][run_id]
+        raw = raw_config(lab["root"], run_id, registry={"uri": str(reg)}, tracking=scheduled)
+        results.append(promote.run(raw, run["summary"], str(run["model"]), str(lab["data"]["A"]), str(run["dir"]),
+                                   reports=saver))
+    url = results[0]["wandb_report"]
+    assert url.endswith("--Vmlldzo1") and results[1]["wandb_report"] == url
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("promote: ")]
+    assert lines == [f"promote: W&B report created: {url}", f"promote: {results[0]['reason']}",
+                     f"promote: W&B report updated: {url}", f"promote: {results[1]['reason']}"]
+    (first, none), (second, link) = saver.saved
+    assert none is None and link["id"] == "Vmlldzo1"
+    assert [row.split("|")[3].strip() for row in second.blocks[5].text.splitlines()[2:]] == ["weak", "strong"]
+    assert Registry.open(str(reg)).report_link("nightly")["url"] == url
