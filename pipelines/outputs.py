@@ -118,6 +118,8 @@ def print_summary(summary: dict, where: str) -> None:
     promotion = summary.get("promotion")  # the promote step's decision (components/promote.py)
     if promotion:
         print(f"promotion: {'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']}")
+        if promotion.get("wandb_report"):  # the schedule's W&B Report (components/wandb_review.py)
+            print(f"W&B report: {promotion['wandb_report']}")
     if r.wandb_dir:
         print(_wandb_sync(r.wandb_dir))
 

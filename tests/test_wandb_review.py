@@ -306,3 +306,15 @@ def test_contract_a_report_deleted_on_w_and_b_is_created_again(tmp_path, wandb_s
     again, line = wandb_review.review(scheduled_cfg(entity="team"), registry)
     assert line == f"W&B report created: {again}" and wandb_server.requests[-1][1]["id"] is None
     assert again.endswith("--Vmlldzoy") and registry.report_link("nightly")["url"] == again
+
+
+def test_submit_prints_the_report_url_under_the_decision(capsys):
+    from pipelines import outputs
+
+    decision = {"promoted": False, "reason": "champion a kept", "wandb_report": "https://wandb.ai/e/p/reports/R--x"}
+    outputs.print_summary({"run_id": "b", "status": "completed", "promotion": decision}, "/runs/b")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == ["promotion: kept: champion a kept", "W&B report: https://wandb.ai/e/p/reports/R--x"]
+    outputs.print_summary({"run_id": "c", "status": "completed", "promotion": {**decision, "wandb_report": None}},
+                          "/runs/c")
+    assert "W&B report" not in capsys.readouterr().out
