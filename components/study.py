@@ -284,7 +284,7 @@ def report(config: dict, rows: List, store=None, probe: Optional[dict] = None, h
         study["wandb_dir"] = tracker.offline_dir and join_uri(store.uri, Path(tracker.offline_dir)
                                                               .relative_to(scratch).as_posix())
         if tracking.follows_live(cfg.tracking):
-            study["wandb_report"] = publish_wandb_report(study, cfg.tracking.project)
+            study["wandb_report"] = publish_wandb_report(study, cfg.tracking)
         tracker.finish()
         storage.write_json(scratch / STUDY_FILE, study)  # again: with where the report and W&B runs went
         store.sync(scratch, [k for k in run_store.local_files(scratch) if not k.startswith(RUNS_DIR + "/")])
@@ -293,16 +293,19 @@ def report(config: dict, rows: List, store=None, probe: Optional[dict] = None, h
     return study
 
 
-def publish_wandb_report(study: Dict, project: str) -> Optional[str]:
-    """The W&B Report with the study's panels (needs an API key and a server); its URL."""
+def publish_wandb_report(study: Dict, tracking_cfg, reports=None) -> Optional[str]:
+    """The W&B Report with the study's panels (needs an API key and a server), saved through the
+    one boundary to W&B's server (components/wandb_review.py WandbReports); its URL, or None with
+    one line when W&B refuses (the local report is the source of truth)."""
     from components import report as report_html
+    from components import wandb_review
 
+    reports = reports or wandb_review.WandbReports()
     try:
-        built = report_html.wandb_report(study, project, os.environ.get("WANDB_ENTITY"))
-        built.save()
-        return built.url
-    except Exception as exc:  # noqa: BLE001 - the local report is the source of truth
-        print(f"study: W&B report not created ({type(exc).__name__}: {exc})")
+        entity = tracking_cfg.entity or os.environ.get("WANDB_ENTITY") or reports.default_entity()
+        return reports.save(report_html.wandb_report(study, tracking_cfg.project, entity), None)["url"]
+    except Exception as exc:  # noqa: BLE001 - W&B or the network
+        print(f"study: W&B report not created ({wandb_review.one_line(exc)})")
         return None
 
 

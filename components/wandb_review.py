@@ -12,7 +12,8 @@ to target, and saves it:
 The registry keeps the report's id and URL (`Registry.keep_report_link`), so the next run updates
 the same report instead of adding one. `build_report` is a plain function and needs no server;
 saving goes through `WandbReports`, the one place that talks to W&B's server (wandb-workspaces'
-save needs one and an API key). Skipped, in one line, without tracking.mode=online and
+save needs one and an API key; a study's report, components/report.py `wandb_report`, is saved
+through it too). Skipped, in one line, without tracking.mode=online and
 WANDB_API_KEY or without a group; a W&B error is one line and never fails the promote step.
 """
 

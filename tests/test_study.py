@@ -342,7 +342,7 @@ def test_contract_the_wandb_report_is_saved_with_the_study_panels_and_its_url_pr
     monkeypatch.setenv("WANDB_ENTITY", "team")
     rows = [row(b, round(40 * (1 + 200 / b))) for b in (16, 64, 256)]
     result = study.summarize(study_config(), rows, PROBE)
-    url = study.publish_wandb_report(result, "convergence-pipeline")
+    url = study.publish_wandb_report(result, parse_config(study_config()).tracking)
     assert url == "https://wandb.example/convergence-pipeline/reports/r1"
     assert (sent["entity"], sent["project"]) == ("team", "convergence-pipeline")
     payload = sent["blocks"]
