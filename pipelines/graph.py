@@ -3,9 +3,24 @@
 train: resolve_data -> data_prep -> probe -> train -> evaluate -> promote (when registry.enabled)
 study: resolve_data -> data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
 
-The one parameter is the resolved config as JSON; its default is the config compiled in, with no
-run id: each run's id is decided when it runs (KFP's job id, passed to every step that keeps
-files), so every run a schedule starts gets its own outputs, checkpoints and W&B runs.
+Parameters: config_json, the resolved config compiled in with no run id, and the typed ones a
+person sets in the KFP UI (components/run_parameters.py: run_id, data_path, data_repo, data_rev,
+target, batch_size, micro_batch_size), their defaults from the same config. resolve_data merges
+them, checks the result and hands that one config to every later step. Each run's id is decided
+when it runs (run_id, else KFP's job id, passed to every step that keeps files), so every run a
+schedule starts gets its own outputs, checkpoints and W&B runs.
+
+The rule for what is fixed when the pipeline is compiled and what each run reads (held by
+tests/test_compiled_pipeline.py):
+- compile time (COMPILE_TIME): what shapes the pods and the graph. platform.image (and its digest),
+  the accelerators (platform.gpu: constants, never a parameter), the placement (platform.resources,
+  node_selector, tolerations, retry), the Secrets' names (platform.secrets), and the graph's shape
+  (pipeline, probe.enabled, registry.enabled, study.parallelism). Changing one is compiling and
+  submitting again (a new pipeline version); resolve_data refuses a config_json that disagrees.
+- run time: everything else. The typed parameters, the rest of config_json, the run id and the
+  data's revision (resolve_data resolves it on every run: a schedule's runs read the newest). The
+  compiled spec is the same for all of them but for the parameters' defaults, so one pipeline
+  version (pipelines/kubeflow.py: spec_digest) serves any of them.
 
 A platform.image given by digest (name@sha256:...) is passed to every task as
 CONVERGENCE_IMAGE_DIGEST, which lineage records (components/lineage.py: an image cannot know its
@@ -18,6 +33,7 @@ from typing import Optional
 
 from kfp import dsl, kubernetes
 
+from components import run_parameters
 from components.config import GPU_STEPS
 from components.lineage import IMAGE_DIGEST_ENV
 from pipelines.steps import make_steps
@@ -27,6 +43,11 @@ STUDY_PIPELINE = "convergence-study"
 
 
 JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # resolved by KFP (and by kfp's local runner) for each run
+
+# Fixed when the pipeline is compiled (see the module's doc): the image, what the pods get, the graph's shape.
+COMPILE_TIME = ("pipeline", "platform.image", "platform.gpu", "platform.resources", "platform.node_selector",
+                "platform.tolerations", "platform.retry", "platform.secrets", "probe.enabled", "registry.enabled",
+                "study.parallelism")
 
 
 def build_pipeline(config: dict):
@@ -39,9 +60,39 @@ def compiled_config(config: dict) -> str:
     return json.dumps({**config, "run_id": None})
 
 
+def compile_time(config: dict) -> dict:
+    """{key: value} of the COMPILE_TIME keys: resolve_data refuses a config_json that differs."""
+    return {key: run_parameters.get(config, key) for key in COMPILE_TIME}
+
+
+def parameter_defaults(config: dict) -> dict:
+    """The compiled pipeline's parameters and their defaults: config_json and the typed ones
+    (components/run_parameters.py), all from the resolved config, with no run id."""
+    return {"config_json": compiled_config(config), **run_parameters.values_of({**config, "run_id": None})}
+
+
+def run_arguments(config: dict) -> dict:
+    """What a local run passes: its config and the typed parameters of it, its run id included."""
+    return {"config_json": json.dumps(config), **run_parameters.values_of(config)}
+
+
 def image_digest(image: str) -> Optional[str]:
     """"sha256:<hex>" of an image named by digest, else None."""
     return "sha256:" + image.split("@sha256:", 1)[1] if "@sha256:" in image else None
+
+
+def _pipeline(config: dict, name: str, description: str, body):
+    """A @dsl.pipeline over body(parameters), its signature the typed parameters with defaults from
+    the config; every pipeline has the same ones."""
+    d = parameter_defaults(config)
+
+    def pipeline(config_json: str = d["config_json"], run_id: str = d["run_id"], data_path: str = d["data_path"],
+                 data_repo: str = d["data_repo"], data_rev: str = d["data_rev"], target: str = d["target"],
+                 batch_size: str = d["batch_size"], micro_batch_size: str = d["micro_batch_size"]):
+        body(dict(config_json=config_json, run_id=run_id, data_path=data_path, data_repo=data_repo,
+                  data_rev=data_rev, target=target, batch_size=batch_size, micro_batch_size=micro_batch_size))
+
+    return dsl.pipeline(name=name, description=description)(pipeline)
 
 
 def _steps(config: dict) -> SimpleNamespace:
@@ -94,12 +145,15 @@ def _place(platform: dict, step: str, task):
     return task
 
 
-def _prepare_data(steps, config_json):
-    """resolve_data -> data_prep. The data's version is resolved on every run (never cached) and is
-    an input of data_prep, so data_prep's cache key changes with the data, not only with the config."""
-    resolved = steps.resolve_data(config_json=config_json)
+def _prepare_data(steps, config: dict, parameters: dict):
+    """resolve_data -> data_prep: resolve_data merges the typed parameters into config_json, checks
+    the result and gives it to every later step (its config_json output), with the data's version,
+    resolved on every run (never cached). That version is an input of data_prep, so data_prep's cache
+    key changes with the data, not only with the config."""
+    resolved = steps.resolve_data(compiled=json.dumps(compile_time(config)), **parameters)
     resolved.set_caching_options(False)
-    return steps.data_prep(config_json=config_json, data_source=resolved.output)
+    config_json = resolved.outputs["config_json"]
+    return resolved, config_json, steps.data_prep(config_json=config_json, data_source=resolved.outputs["data_source"])
 
 
 def _probe(steps, config_json, prep):
@@ -115,18 +169,15 @@ def train_pipeline(config: dict):
     promoted) still ends as the submitter reports it."""
     steps = _steps(config)
     probe_enabled = config["probe"]["enabled"]
-    fixed = config["train"]
     promote_enabled = config["registry"]["enabled"]
 
-    @dsl.pipeline(name=TRAIN_PIPELINE, description="data_prep -> probe -> train -> evaluate -> promote: the batch "
-                  "that fits and is worth it, gradient accumulation, early stopping, champion/challenger")
-    def pipeline(config_json: str = compiled_config(config)):
-        prep = _prepare_data(steps, config_json)
+    def body(parameters: dict):
+        resolved, config_json, prep = _prepare_data(steps, config, parameters)
         if probe_enabled:
             probe = _probe(steps, config_json, prep)
             batch, micro, decision = (probe.outputs[k] for k in ("batch_size", "micro_batch_size", "decision"))
-        else:
-            batch, micro, decision = fixed["batch_size"], fixed["micro_batch_size"], ""
+        else:  # the run's config's numbers (resolve_data refuses 'auto' without the probe)
+            batch, micro, decision = resolved.outputs["batch_size"], resolved.outputs["micro_batch_size"], ""
         train = steps.train(config_json=config_json, job_id=JOB_ID, batch_size=batch, micro_batch_size=micro,
                             dataset=prep.outputs["dataset"])
         evaluate = steps.evaluate(config_json=config_json, job_id=JOB_ID, train_result=train.outputs["Output"],
@@ -139,6 +190,8 @@ def train_pipeline(config: dict):
                                     dataset=prep.outputs["dataset"], model=train.outputs["model"])
             promote.set_caching_options(False)  # decides against the registry's champion of now
 
+    pipeline = _pipeline(config, TRAIN_PIPELINE, "data_prep -> probe -> train -> evaluate -> promote: the batch "
+                         "that fits and is worth it, gradient accumulation, early stopping, champion/challenger", body)
     return pipeline
 
 
@@ -150,10 +203,8 @@ def study_pipeline(config: dict):
     steps = _steps(config)
     probe_enabled = config["probe"]["enabled"]
 
-    @dsl.pipeline(name=STUDY_PIPELINE, description="steps, samples and time to target across batch sizes; "
-                  "the critical batch size; a report")
-    def pipeline(config_json: str = compiled_config(config)):
-        prep = _prepare_data(steps, config_json)
+    def body(parameters: dict):
+        _, config_json, prep = _prepare_data(steps, config, parameters)
         decision = _probe(steps, config_json, prep).outputs["decision"] if probe_enabled else ""
         plan = steps.study_plan(config_json=config_json, job_id=JOB_ID, probe_decision=decision,
                                 dataset=prep.outputs["dataset"])
@@ -165,4 +216,6 @@ def study_pipeline(config: dict):
                                     probe_decision=decision)
         report.set_caching_options(False)  # seals the study
 
+    pipeline = _pipeline(config, STUDY_PIPELINE, "steps, samples and time to target across batch sizes; the "
+                         "critical batch size; a report", body)
     return pipeline

@@ -15,17 +15,27 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def resolve_data(config_json: str) -> str:
-    """The data's source and version (a DVC md5, a sha256, an S3 version), resolved on every run."""
+def resolve_data(config_json: str, compiled: str, run_id: str, data_path: str, data_repo: str, data_rev: str,
+                 target: str, batch_size: str, micro_batch_size: str) -> NamedTuple(
+        "Resolved", [("config_json", str), ("data_source", str), ("batch_size", int), ("micro_batch_size", int)]):
+    """The run's config: the typed parameters over config_json, checked (components/run_parameters.py),
+    which every later step reads; the data's source and version (a DVC md5, a sha256, an S3
+    version), resolved on every run; the config's batch sizes as numbers (0: 'auto', the probe's)."""
     import json
+    from collections import namedtuple
 
-    from components import data_sources
+    from components import data_sources, run_parameters
     from components.errors import user_errors_as_one_line
 
+    values = dict(run_id=run_id, data_path=data_path, data_repo=data_repo, data_rev=data_rev, target=target,
+                  batch_size=batch_size, micro_batch_size=micro_batch_size)
     with user_errors_as_one_line():
-        resolved = data_sources.resolve(json.loads(config_json))
+        config = run_parameters.merge(config_json, values, json.loads(compiled))
+        resolved = data_sources.resolve(config)
     print(f"resolve_data: {data_sources.describe(resolved)}: version {resolved['version']}", flush=True)
-    return json.dumps(resolved)
+    sizes = [0 if config["train"][k] == "auto" else config["train"][k] for k in ("batch_size", "micro_batch_size")]
+    outputs = namedtuple("Resolved", ["config_json", "data_source", "batch_size", "micro_batch_size"])
+    return outputs(json.dumps(config), json.dumps(resolved), *sizes)
 
 
 def data_prep(config_json: str, data_source: str, dataset: Output[Dataset]):

@@ -23,7 +23,6 @@ diverged (the summary says where and what to try); 130 interrupted (Ctrl-C; the 
 """
 
 import argparse
-import json
 import secrets
 import shlex
 import sys
@@ -345,7 +344,7 @@ def main(argv=None) -> int:
         where = f"outputs: {store.uri}, " if is_remote(store.uri) else ""
         print(f"{config['pipeline']} {config['run_id']}: {steps} with kfp's local runner "
               f"({where}log: {local / LOG_FILE})", flush=True)
-        run_locally(pipeline, {"config_json": json.dumps(config)}, local, progress=not args.no_progress,
+        run_locally(pipeline, graph.run_arguments(config), local, progress=not args.no_progress,
                     follow=None if is_remote(store.uri) else local)
         store_log(store, local)
         return report(config, store)

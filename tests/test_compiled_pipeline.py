@@ -175,3 +175,59 @@ def test_secret_values_in_the_environment_appear_in_no_file_of_a_local_run(tmp_p
     assert any(b"leakcheck-7f3a" in p.read_bytes() for p in files if p.suffix == ".wandb")
     leaked = [str(p.relative_to(run_dir)) for p in files for v in values.values() if v.encode() in p.read_bytes()]
     assert leaked == []
+
+
+# --- typed parameters ------------------------------------------------------------------------------
+
+def test_typed_parameters_a_person_sets_in_the_ui_with_defaults_from_the_config(tmp_path):
+    spec, _ = compile_docs(tmp_path, "data=file", "data.path=s3://bucket/table.csv", "eval.target=0.9",
+                           "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=16")
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = {name: d["defaultValue"] for name, d in declared.items() if name != "config_json"}
+    assert defaults == {"run_id": "", "data_path": "s3://bucket/table.csv", "data_repo": "", "data_rev": "",
+                        "target": "0.9", "batch_size": "64", "micro_batch_size": "16"}
+    assert {d["parameterType"] for d in declared.values()} == {"STRING"}
+    # every one reaches resolve_data, which hands the merged config on; without the probe train's
+    # batch sizes are resolve_data's (the run's config's), not numbers compiled in
+    tasks = all_tasks(spec)
+    inputs = tasks["resolve-data"]["inputs"]["parameters"]
+    assert {name: inputs[name]["componentInputParameter"] for name in declared} == {name: name for name in declared}
+    assert tasks["train"]["inputs"]["parameters"]["batch_size"] == {
+        "taskOutputParameter": {"outputParameterKey": "batch_size", "producerTask": "resolve-data"}}
+    for step in ("data-prep", "train", "evaluate", "promote"):
+        assert tasks[step]["inputs"]["parameters"]["config_json"] == {
+            "taskOutputParameter": {"outputParameterKey": "config_json", "producerTask": "resolve-data"}}
+
+
+def test_dvc_data_offers_its_repo_and_revision(tmp_path):
+    spec, _ = compile_docs(tmp_path, "data=dvc", "data.repo=https://github.com/org/data.git", "data.rev=main",
+                           "data.path=data/train.csv")
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    assert {k: declared[k]["defaultValue"] for k in ("data_repo", "data_rev", "data_path")} == {
+        "data_repo": "https://github.com/org/data.git", "data_rev": "main", "data_path": "data/train.csv"}
+
+
+LOCAL_CHEAP = ["data=digits", "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=64",
+               "train.max_steps=30", "tracking.mode=disabled", "registry.enabled=false"]
+
+
+def run_local(tmp_path, run_id, overrides=(), **parameters):
+    """The compiled graph under kfp's local runner (pipelines/local.py), the typed parameters over
+    the config's; returns the run's directory."""
+    from pipelines.local import run_locally
+
+    config = compose_config([f"output_dir={tmp_path}", f"run_id={run_id}", *LOCAL_CHEAP, *overrides])
+    local = tmp_path / ".local" / run_id
+    local.mkdir(parents=True)
+    run_locally(graph.build_pipeline(config), {**graph.run_arguments(config), **parameters}, local, progress=False)
+    return tmp_path / run_id
+
+
+def test_typed_parameters_set_for_a_run_are_its_config_in_every_step(tmp_path):
+    from components import storage
+
+    run_dir = run_local(tmp_path, "typed", batch_size="32", micro_batch_size="16", target="0.5")
+    summary = storage.read_json(run_dir / "summary.json")
+    assert (summary["effective_batch_size"], summary["micro_batch_size"], summary["accumulation_steps"]) == (32, 16, 2)
+    assert summary["stop_reason"] == "target_reached" and summary["steps_to_target"] == summary["optimizer_steps"]
+    assert summary["samples_seen"] == 32 * summary["optimizer_steps"]

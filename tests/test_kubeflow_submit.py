@@ -81,6 +81,13 @@ def compiled_default(package) -> str:
     return yaml.safe_load(package.read_text())["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]
 
 
+def default_parameters(config_json: str) -> dict:
+    """What a run of the default pipeline sends: config_json and the typed parameters, each as the
+    compiled pipeline declares it (all strings, "" for null: components/run_parameters.py)."""
+    return {"config_json": config_json, "run_id": "", "data_path": "data/digits.csv", "data_repo": "",
+            "data_rev": "", "target": "", "batch_size": "auto", "micro_batch_size": "auto"}
+
+
 def name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": name}]})
 
@@ -126,7 +133,7 @@ def test_contract_a_first_run_looks_up_then_creates_experiment_pipeline_version_
         "experiment_id": experiment["experiment_id"], "display_name": create_run.body["display_name"],
         "pipeline_version_reference": {"pipeline_id": pipeline["pipeline_id"],
                                        "pipeline_version_id": version["pipeline_version_id"]},
-        "runtime_config": {"parameters": {"config_json": compiled_default(package)}}}
+        "runtime_config": {"parameters": default_parameters(compiled_default(package))}}
     assert create_run.body["display_name"].startswith("convergence-train 20")
     run_id = next(iter(st.runs))
     assert done == kubeflow.Submission(kind="run", pipeline_id=pipeline["pipeline_id"],
@@ -279,7 +286,8 @@ def test_contract_a_rejected_run_says_what_the_submission_created(start, package
 def test_contract_bad_parameters_and_a_bad_cron_fail_before_any_request(start, token, package):
     server = start()
     with pytest.raises(ConfigError, match=r"^pipeline parameter 'config_jsn': the compiled pipeline has no such "
-                                          r"parameter \(it has config_json\)$"):
+                                          r"parameter \(it has batch_size, config_json, data_path, data_repo, "
+                                          r"data_rev, micro_batch_size, run_id, target\)$"):
         kubeflow.submit(config(server), package, arguments={"config_jsn": "{}"})
     with pytest.raises(ConfigError, match=r"^pipeline parameter 'config_json': the pipeline declares STRING; got dict"):
         kubeflow.submit(config(server), package, arguments={"config_json": {}})
@@ -394,7 +402,7 @@ def recurring_body(server, name="train-schedule", cron=CRON) -> dict:
             "trigger": {"cron_schedule": {"cron": cron}}, "max_concurrency": 1, "no_catchup": True,
             "pipeline_version_reference": {"pipeline_id": version["pipeline_id"],
                                            "pipeline_version_id": version["pipeline_version_id"]},
-            "runtime_config": {"parameters": {"config_json": compiled_default_of(st)}}}
+            "runtime_config": {"parameters": default_parameters(compiled_default_of(st))}}
 
 
 def compiled_default_of(st) -> str:
@@ -660,10 +668,13 @@ def test_contract_submit_compiles_with_no_run_id_and_creates_the_run_on_the_uplo
     (create_run,) = st.named("POST /apis/v2beta1/runs")
     assert create_run.body["pipeline_version_reference"] == {"pipeline_id": pipeline["pipeline_id"],
                                                              "pipeline_version_id": version["pipeline_version_id"]}
-    (name, sent), = create_run.body["runtime_config"]["parameters"].items()
-    sent = json.loads(sent)
+    parameters = create_run.body["runtime_config"]["parameters"]
+    sent = json.loads(parameters.pop("config_json"))
     # the paths as given (a pod reads them), no run id (KFP's, at run time), the overrides in
-    assert name == "config_json" and sent == {**cfg, "run_id": None}
+    assert sent == {**cfg, "run_id": None}
+    # the typed parameters of that config (data=digits reads no path)
+    assert parameters == {"run_id": "", "data_path": "", "data_repo": "", "data_rev": "", "target": "",
+                          "batch_size": "auto", "micro_batch_size": "auto"}
     assert (sent["output_dir"], sent["data"]["name"], sent["train"]["max_steps"]) == ("s3://b/runs", "digits", 50)
     (run_id,) = st.runs
     assert capsys.readouterr().out.splitlines()[-1] == f"run {run_id}: {server.url}/#/runs/details/{run_id}"
