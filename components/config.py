@@ -33,6 +33,7 @@ PLATFORMS = ("local", "kubeflow")
 SCHEDULE_ACTIONS = ("pause", "resume", "delete", "list")
 PIPELINES = ("train", "study")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision (components/precision.py)
 # What the evaluation computes, per task; `eval.monitor` must name one of these.
 VAL_METRICS = {
     "classification": ("val/loss", "val/accuracy", "val/macro_f1"),
@@ -127,6 +128,15 @@ class TrainConfig:
     # torch's intra-op threads. null: the CPUs this process may use (affinity mask and cgroup
     # quota, fewer if OMP_NUM_THREADS says so); a number overrides all of them (components/cpu.py).
     cpu_threads: Optional[int] = None
+    # Processes training together on this machine: >1 runs the train step's training under
+    # `torchrun --standalone --nproc-per-node=N` (gloo on CPU, NCCL on GPUs; components/launch.py),
+    # each rank with usable CPUs / N threads. The world size (Config.world_size) is this locally;
+    # with platform=kubeflow, platform.gpu.count (this for CPU pods) x platform.nodes. Not hashed:
+    # the same effective batch trains the same model, so a run resumes with another world size.
+    nproc: int = 1
+    # fp32 | bf16 | fp16: torch.autocast around forward and loss; fp16 adds a gradient scaler
+    # (torch.amp.GradScaler) whose overflowing steps are skipped (components/precision.py)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -298,8 +308,22 @@ class Config:
     resume_from: Optional[str] = None
 
     @property
+    def nproc_per_node(self) -> int:
+        """Ranks on each machine: train.nproc locally; on a cluster the train pod's GPUs (train.nproc for CPU
+        pods). A study's runs train one process each (its study_run steps)."""
+        if self.platform.name == "kubeflow" and self.platform.gpu.count and self.pipeline == "train":
+            return self.platform.gpu.count
+        return self.train.nproc
+
+    @property
+    def nodes(self) -> int:
+        """Machines training together: platform.nodes on a cluster (a Kubeflow Trainer TrainJob), else 1."""
+        return getattr(self.platform, "nodes", 1) if self.platform.name == "kubeflow" else 1
+
+    @property
     def world_size(self) -> int:
-        return 1  # multi-process training arrives with the distributed issue
+        """Processes training together; the effective batch is split over them."""
+        return self.nproc_per_node * self.nodes
 
     @property
     def batch_sizes_decided(self) -> bool:
@@ -417,6 +441,13 @@ def with_batch_sizes(raw: dict, batch_size: int, micro_batch_size: int) -> dict:
 _NOT_HASHED = ("run_id", "output_dir", "resume_from", "tracking", "platform", "storage", "registry")
 
 
+# How many processes train (the same effective batch is the same training, so a run resumes with
+# another world size), and keys hashed only when not at their default, so that runs checkpointed
+# before the key existed still resume.
+_TRAIN_NOT_HASHED = ("nproc",)
+_TRAIN_HASHED_UNLESS = {"precision": "fp32"}
+
+
 # Where the data comes from: absolute paths of this machine, a branch that moves. Once the data's
 # version is known (data.version: every step after data_prep) it stands for them.
 _DATA_LOCATION = ("path", "repo", "rev", "remote")
@@ -426,6 +457,8 @@ def config_hash(cfg: Config) -> str:
     """Identity of what a run computes: same hash, same training. With data.version set, the same
     data and config hash the same from any checkout, machine or output_dir."""
     content = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    content["train"] = {k: v for k, v in content["train"].items()
+                        if k not in _TRAIN_NOT_HASHED and _TRAIN_HASHED_UNLESS.get(k, object()) != v}
     if cfg.data.version is not None:
         content["data"] = {k: v for k, v in content["data"].items() if k not in _DATA_LOCATION}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,8 +5,8 @@ import math
 import re
 
 from components.config import (AUTO, DATA_FORMATS, DATA_NAMES, DEVICES, LR_SCALINGS, MODE_OF, MODEL_NAMES, MODES,
-                               OPTIMIZERS, PIPELINES, PLATFORMS, SCHEDULE_ACTIONS, SCHEDULES, TASKS, TRACKING_MODES,
-                               VAL_METRICS, Config, PlatformConfig)
+                               OPTIMIZERS, PIPELINES, PLATFORMS, PRECISIONS, SCHEDULE_ACTIONS, SCHEDULES, TASKS,
+                               TRACKING_MODES, VAL_METRICS, Config, PlatformConfig)
 from components.errors import ConfigError
 
 
@@ -61,6 +61,7 @@ def validate(cfg: Config) -> None:
     for key in ("max_epochs", "base_batch_size"):
         value = getattr(t, key)
         _check(value > 0, f"train.{key}", f"must be > 0; got {value}")
+    _check(type(t.nproc) is int and t.nproc >= 1, "train.nproc", f"must be an integer >= 1; got {t.nproc!r}")
     if cfg.pipeline == "study":  # each run's batch comes from the study; train.micro_batch_size caps its micro-batch
         _check(cfg.probe.enabled or bool(cfg.study.batch_sizes), "study.batch_sizes",
                "with probe.enabled=false, list the batch sizes to compare, e.g. study.batch_sizes=[16,64,256]")
@@ -89,6 +90,10 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
            f"must be > 0 or null; got {t.checkpoint_every_steps}")
     _check(t.cpu_threads is None or t.cpu_threads > 0, "train.cpu_threads", f"must be > 0 or null; got {t.cpu_threads}")
+    _one_of(t.precision, PRECISIONS, "train.precision")
+    # a study's runs train in its study_run steps, one process each (components/study.py)
+    _check(cfg.pipeline != "study" or t.nproc == 1, "train.nproc", "the study trains each of its runs in one "
+           f"process; use train.nproc=1 with pipeline=study; got {t.nproc}")
 
     _check(e.every_steps is None or e.every_steps > 0, "eval.every_steps", f"must be > 0 or null; got {e.every_steps}")
     # null monitor/mode follow the task (resolve_task_defaults, for_dataset); the monitor is

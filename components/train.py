@@ -5,6 +5,11 @@ metrics.jsonl and checkpoints/last.pt at every checkpoint, then model.pt and the
 run at the end. A run whose store holds a checkpoint resumes from it (a KFP retry, a preempted
 pod, a second submit with the same run_id); `resume_from` names another run to start from.
 
+With a world size above 1 (train.nproc, or a pod's GPUs) the step runs its training under
+torchrun (components/launch.py); every rank runs `run`, and only rank 0 writes: the store,
+the progress note, W&B and model.pt. Under a launcher that is already there (a Kubeflow
+TrainJob's torchrun), `run` is that rank directly.
+
     python -m components.train --config config.yaml --dataset dataset/ --model-out model.pt --run-dir runs/r1 \
         [--probe probe.json]
 """
@@ -15,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from components import datasets, lineage, models, run_store, storage, tracking, training
+from components import datasets, distributed, launch, lineage, models, run_store, storage, tracking, training
 from components.config import config_hash, for_dataset, load_config_file, parse_config
 from components.cpu import configure_threads
 from components.errors import ConfigError, StorageError, exit_on_user_error
@@ -32,10 +37,18 @@ def run(config: dict, dataset_path: str, model_out: str, store=None, progress: O
     """Train on the dataset artifact; write model.pt (the best weights, to `model_out` and the
     store) unless no evaluation was finite. `store`: the run's RunStore or location (a local
     path or s3://); None: `<output_dir>/<run_id>` of the config. The outcome's `status` is
-    "completed" or "diverged" (then `divergence` says which rule, where, and what to try)."""
+    "completed" or "diverged" (then `divergence` says which rule, where, and what to try).
+    `on_step` runs in this process: not with several ranks."""
     data = datasets.load(Path(dataset_path))
     config = for_dataset(config, data.manifest)
     cfg = parse_config(config)
+    if cfg.world_size > 1 and not launch.under_launcher():
+        if on_step is not None:
+            raise ValueError("on_step: the ranks run in other processes; call run() with train.nproc=1")
+        training.Plan.make(cfg, data.manifest["counts"]["train"])  # its one-line errors before any process starts
+        return launch.train_across_ranks(cfg, config, dataset_path, model_out,
+                                         store.uri if isinstance(store, RunStore) else store, progress)
+    main = distributed.runtime_from_env()[0] == 0  # rank 0 writes; the others only train
     configure_threads(cfg.train)
     store = run_store.open_run(config, store)
     run_id = cfg.run_id or Path(store.uri).name
@@ -45,7 +58,10 @@ def run(config: dict, dataset_path: str, model_out: str, store=None, progress: O
     identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
 
     with storage.scratch_dir(f"train-{run_id}-") as scratch:
-        resumed = restore_checkpoint(store, cfg, identity, scratch)
+        resumed = restore_checkpoint(store, cfg, identity, scratch)  # every rank: its own copy
+        if not main:
+            trainer = training.Trainer(model, data, cfg, scratch, progress=False)
+            return {**trainer.fit().to_dict(), **identity}
         if resumed:
             print(f"train: resuming from {resumed}", flush=True)
         store.unpublish()  # its files are about to change: not visible until evaluate seals it again
@@ -167,7 +183,8 @@ def main(argv=None) -> None:
 
         config = probe.apply(config, storage.read_json(args.probe))
     outcome = run(config, args.dataset, args.model_out, args.run_dir)
-    run_store.open_run(config, args.run_dir).put_json("train_result.json", outcome)
+    if distributed.runtime_from_env()[0] == 0:  # under a TrainJob's torchrun every rank gets here
+        run_store.open_run(config, args.run_dir).put_json("train_result.json", outcome)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -37,6 +37,7 @@ from components.config import (Config, TrainConfig, config_hash, for_dataset, la
                                parse_config)
 from components.datasets import Dataset
 from components.errors import ConfigError
+from components.precision import Precision
 from components.run_record import RunRecord
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -125,35 +126,51 @@ def resolve_device(name: str) -> torch.device:
 
 
 def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
-                         micro: int, noise: Optional[noise_scale.NoiseScaleTracker] = None) -> List[torch.Tensor]:
+                         micro: int, noise: Optional[noise_scale.NoiseScaleTracker] = None,
+                         precision: Optional[Precision] = None) -> List[torch.Tensor]:
     """Forward/backward over `indices` in micro-batches of `micro`, summing into .grad.
 
     Micro-batches are equal-sized (`micro` divides len(indices)), so dividing each mean loss by
     their count makes the summed gradient the mean over all of `indices`: the same update as
     one forward/backward over the whole batch. With `noise`, the gradient norm after the first
     micro-batch (count^2 x |.grad|^2 is that micro-batch's own |g|^2) and after the last (the
-    whole batch's) feed the noise-scale estimate: two norms per step, no copies.
+    whole batch's) feed the noise-scale estimate: two norms per step, no copies. `precision`:
+    autocast and (fp16) loss scaling (components/precision.py); None: fp32.
     """
-    losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, micro, noise is not None)
+    losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, micro, noise is not None, precision)
     if noise is not None:
         count = indices.shape[0] // micro
         first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(model.parameters()))
-        noise.update([first_sq * count ** 2], big_sq, micro, indices.shape[0])
+        feed_noise(noise, precision, first_sq * count ** 2, big_sq, micro, indices.shape[0])
     return losses
 
 
+def feed_noise(noise: noise_scale.NoiseScaleTracker, precision: Optional[Precision], small_sq: float, big_sq: float,
+               micro: int, batch: int) -> None:
+    """One measured step's squared norms into the estimate, unscaled from fp16's loss scale."""
+    if precision is not None and precision.scaler is not None:
+        small_sq, big_sq = precision.unscaled_sq(small_sq), precision.unscaled_sq(big_sq)
+        if not (math.isfinite(small_sq) and math.isfinite(big_sq)):
+            return  # an overflowing step: the scaler skips it, and so does the estimate
+    noise.update([small_sq], big_sq, micro, batch)
+
+
 def backward_micro_batches(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
-                           micro: int, measure: bool = False):
+                           micro: int, measure: bool = False, precision: Optional[Precision] = None):
     """accumulate_gradients' micro-steps: (the micro-batch losses, and with `measure` the
-    per-tensor gradient norms after the first micro-batch)."""
+    per-tensor gradient norms after the first micro-batch). Forward and loss under the
+    precision's autocast; backward of the (fp16: scaled) loss outside it, as torch advises."""
     n = indices.shape[0]
     count = n // micro
     losses, first_norms = [], None
     params = list(model.parameters()) if measure else None
+    autocast = precision.autocast if precision is not None else nullcontext
+    backward = precision.backward if precision is not None else torch.Tensor.backward
     for m in range(0, n, micro):
         mb = indices[m:m + micro] if count > 1 else indices
-        loss = loss_fn(model(x[mb]), y[mb])
-        (loss / count if count > 1 else loss).backward()
+        with autocast():
+            loss = loss_fn(model(x[mb]), y[mb])
+        backward(loss / count if count > 1 else loss)
         losses.append(loss)  # read with .item(): no detach needed (it cost ~1% of the loop)
         if measure and first_norms is None:
             first_norms = noise_scale.grad_norms(params)
@@ -240,6 +257,7 @@ class TrainState:
     first_loss: Optional[float] = None  # the first step's train loss: the yardstick of loss_exploded
     divergence: Optional[dict] = None
     finished: bool = False
+    precision: Optional[Precision] = None  # fp16's gradient scaler keeps state: its scale
 
     _COUNTERS = ("step", "wall_time_s", "eval_time_s", "best_state", "target_at", "micro_batch_size", "oom_events",
                  "first_loss", "divergence", "finished")
@@ -248,7 +266,8 @@ class TrainState:
         return {**{k: getattr(self, k) for k in self._COUNTERS},
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stopper": self.stopper.state_dict(), "rng": [torch.get_rng_state()],  # rank-indexed
-                "noise": vars(self.noise) if self.noise is not None else None}
+                "noise": vars(self.noise) if self.noise is not None else None,
+                "precision": self.precision.state_dict() if self.precision is not None else None}
 
     def load_state_dict(self, state: dict, rank: int = 0) -> None:
         for key in self._COUNTERS:
@@ -256,9 +275,12 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stopper.load_state_dict(state["stopper"])
-        torch.set_rng_state(state["rng"][rank])
+        if rank < len(state["rng"]):  # a rank the writing run did not have seeds itself (Trainer)
+            torch.set_rng_state(state["rng"][rank])
         if self.noise is not None and state["noise"] is not None:
             vars(self.noise).update(state["noise"])
+        if self.precision is not None:
+            self.precision.load_state_dict(state.get("precision"))  # absent: written before train.precision
 
 
 class Trainer:
@@ -295,11 +317,12 @@ class Trainer:
         model.to(self.device).train()
         self.params = list(model.parameters())
         noise = noise_scale.NoiseScaleTracker(population=plan.n_train) if t.track_noise_scale else None
+        self.precision = Precision(t.precision, self.device)
         self.state = TrainState(
             model=model, optimizer=make_optimizer(model, t, plan.lr), noise=noise,
             stopper=early_stopping.EarlyStopping(e.mode, e.patience, e.min_delta, e.target, e.divergence_threshold,
                                                  e.stop_at_target),
-            micro_batch_size=plan.micro_batch_size)
+            micro_batch_size=plan.micro_batch_size, precision=self.precision)
         self.checkpoint_path = Path(run_dir) / CHECKPOINT if run_dir else None
         self.identity = {"config_hash": config_hash(cfg), "data_version": data.data_version}
         self.resumed_from: Optional[int] = None
@@ -324,9 +347,10 @@ class Trainer:
                                       f"{key} ({ckpt[key]} != {value}); choose another run_id")
             if isinstance(ckpt["rng"], torch.Tensor):  # written before checkpoints held one state per rank
                 ckpt["rng"] = [ckpt["rng"]]
-            if len(ckpt["rng"]) != self.dist.world_size:  # each rank's shard and random stream
-                raise ConfigError(f"resume: the checkpoint was written by {len(ckpt['rng'])} processes and this run "
-                                  f"has {self.dist.world_size}; resume with world size {len(ckpt['rng'])}")
+            written_by, world = len(ckpt["rng"]), self.dist.world_size
+            if written_by != world and self.plan.effective_batch_size % world:  # the effective batch cannot be kept
+                raise ConfigError(f"resume: the checkpoint was written by {written_by} processes and this run has "
+                                  f"{world}; resume with world size {written_by}")
         found = self.dist.gather(ckpt and ckpt["step"])
         if len(set(found)) > 1:  # else the ranks would run different steps and wait on each other forever
             raise ConfigError(f"resume: the ranks found different checkpoints (steps {found}); every rank must "
@@ -339,6 +363,23 @@ class Trainer:
         self.resumed_from = self.state.step
         if self.log:
             self.log.truncate(ckpt["metrics_offset"])  # rows after the checkpoint are written again
+        if len(ckpt["rng"]) != self.dist.world_size:
+            self._regroup(len(ckpt["rng"]))
+
+    def _regroup(self, written_by: int) -> None:
+        """Resumed with another world size and the same effective batch. Every window is still cut
+        into one shard per rank in rank order, so each step trains on the same examples and every
+        epoch on each example once; the micro-batch stays the checkpoint's when it divides the new
+        shard (else the largest that does), the accumulation makes up the rest. A rank the writing
+        run did not have starts a random stream (dropout) of its own."""
+        s = self.state
+        s.micro_batch_size = largest_divisor_at_most(self.shard, s.micro_batch_size)
+        if self.rank >= written_by:
+            torch.manual_seed(self.cfg.train.seed + self.rank + 1_000_003 * s.step)
+        if self.log:
+            self.log.write(self.row({"event": "world_size_changed", "from": written_by, "to": self.dist.world_size,
+                                     "micro_batch_size": s.micro_batch_size,
+                                     "accumulation_steps": self.shard // s.micro_batch_size}))
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
@@ -375,8 +416,9 @@ class Trainer:
             return self.micro_steps_across_ranks(measure_at or m, measure_at is not None)
         if measure_at is not None:
             return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices,
-                                        measure_at, s.noise)
-        return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices, m)
+                                        measure_at, s.noise, self.precision)
+        return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices, m,
+                                    precision=self.precision)
 
     def micro_steps_across_ranks(self, m: int, measure: bool) -> List[torch.Tensor]:
         """This rank's micro-steps, then one all-reduce agreeing on out-of-memory (dist.agreed_step).
@@ -387,14 +429,14 @@ class Trainer:
 
         def local():
             losses, first_norms = backward_micro_batches(s.model, self.loss_fn, self.x_train, self.y_train,
-                                                         self.indices, m, measure)
+                                                         self.indices, m, measure, self.precision)
             micro_sq = torch.stack(first_norms).square().sum() * count ** 2 if measure else torch.zeros(())
             return torch.stack(losses).detach().mean(), micro_sq
 
         loss, micro_sq = self.dist.agreed_step(self.params, local, f"micro-batch {m}")
         if measure:
             big_sq, = noise_scale.squared_totals(noise_scale.grad_norms(self.params))
-            s.noise.update([micro_sq], big_sq, m, self.plan.effective_batch_size)
+            feed_noise(s.noise, self.precision, micro_sq, big_sq, m, self.plan.effective_batch_size)
         return [torch.tensor(loss)]
 
     def smaller_micro(self, m: int) -> int:
@@ -484,7 +526,7 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         s, plan, t, log = self.state, self.plan, self.cfg.train, self.log
-        stopper, optimizer, shard, rank = s.stopper, s.optimizer, self.shard, self.rank
+        stopper, optimizer, shard, rank, precision = s.stopper, s.optimizer, self.shard, self.rank, self.precision
         last_flush = last_checkpoint = time.perf_counter()
         last_eval_step = s.step
         while not stopper.should_stop and s.step < plan.max_steps:
@@ -499,10 +541,12 @@ class Trainer:
 
                 losses, s.micro_batch_size = memory.halving_on_oom(self.micro_steps, s.micro_batch_size,
                                                                    self.smaller_micro, self.on_oom)
-                optimizer.step()
+                stepped = precision.step(optimizer)  # fp16: False when the scaler skipped it
                 optimizer.zero_grad(set_to_none=True)
                 s.step += 1
                 step = s.step
+                if not stepped and log:
+                    log.write(self.row({"event": "skipped_step", "loss_scale": precision.scale}))
 
                 # The mean micro-batch loss, read one by one: on CPU cheaper than stacking them (two more
                 # ops a step cost 2.7% of the loop at 32 x 4); on a GPU the first .item() waits for the
@@ -533,14 +577,16 @@ class Trainer:
                 now = time.perf_counter()
                 due = bool((t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
                            or (t.checkpoint_every_s and now - last_checkpoint >= t.checkpoint_every_s))
+                stop = self.terminate_requested
                 if self.dist.distributed:  # each rank's clock and signals: agreed, or the ranks part ways
-                    due, self.terminate_requested = self.dist.any(due, self.terminate_requested)
+                    # (a SIGTERM landing during this collective stays set, for the next step's agreement)
+                    due, stop = self.dist.any(due, stop)
                 if due:
                     self.save_checkpoint()
                     last_checkpoint = now
                 if stopper.should_stop or step >= plan.max_steps:
                     break
-                if self.terminate_requested:
+                if stop:
                     self.save_checkpoint()
                     raise Terminated(f"SIGTERM: stopped after step {step} with a checkpoint; the run resumes from it")
                 if log and now - last_flush > 0.5:  # keeps progress readers current

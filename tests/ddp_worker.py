@@ -4,6 +4,7 @@ the test names and saves what it checks to <out>/rank<r>.pt (the test reads the 
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/ddp_worker.py OUT RUNS JOBS_JSON
 
 JOBS_JSON: {name: {"train": {...}, "eval": {...}, "oom_at_step": k, "sigterm_at_step": k, "resume": true}}
+A job whose run directory already holds a checkpoint resumes from it.
 """
 
 import faulthandler
@@ -23,8 +24,6 @@ from components import config as config_module, datasets, distributed, models, s
 faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a hung rank waits
 WORLD = int(os.environ["WORLD_SIZE"])
 RANK = int(os.environ["RANK"])
-# The configured world size, as the train.nproc key will give it (config.py has none yet).
-config_module.Config.world_size = property(lambda self: WORLD)
 
 writes = []  # (what, path) this rank wrote into a run directory
 real_save_torch, real_writer_init = storage.save_torch, storage.JsonlWriter.__init__
@@ -59,7 +58,7 @@ class OutOfMemoryOnce(torch.nn.Module):
 def config(job):
     raw = config_module.Config().to_dict()
     raw["train"].update({"batch_size": 64, "micro_batch_size": 16, "optimizer": "sgd",
-                         "checkpoint_every_steps": None, **job.get("train", {})})
+                         "checkpoint_every_steps": None, "nproc": WORLD, **job.get("train", {})})
     raw["eval"].update(job.get("eval", {}))
     raw["tracking"]["mode"] = "disabled"
     return config_module.parse_config(raw)

@@ -1,12 +1,13 @@
 """Training across 2 processes under the real launcher (torchrun, gloo on CPU): the same update as
 one process at the same effective batch, disjoint shards, out-of-memory back-off, stopping and
-SIGTERM agreed by every rank, rank-0-only writes, resume.
+SIGTERM agreed by every rank, rank-0-only writes, resume (with the same world size and with another).
 
 One torchrun launch runs every job (tests/ddp_worker.py); the one-process references and the
 errors run in this process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +27,19 @@ JOBS = {
     "patience": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 2, "patience": 1, "min_delta": 0.5}},
     "diverge": {"train": {"max_steps": STEPS, "lr": 1e4}, "eval": {"every_steps": 10}},
     "resume": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}, "sigterm_at_step": 12, "resume": True},
+    "to_one": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}, "sigterm_at_step": 12},  # resumed here
+    "to_two": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}},  # resumes the fixture's 1-process run
 }
+INTERRUPTED = 12  # the step the runs that change world size stop at
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Both ranks' results of every job, from one launch of 2 processes."""
+def ranks(tmp_path_factory, digits):
+    """Both ranks' results of every job, from one launch of 2 processes; first a one-process run
+    stopped (Ctrl-C) after step 12, which the to_two job resumes on 2 ranks."""
     base = tmp_path_factory.mktemp("ddp")
+    one_indices = interrupted_one_process(digits, base / "runs" / "to_two")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(WORKER.parent.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -53,7 +59,26 @@ def ranks(tmp_path_factory):
         raise
     assert proc.returncode == 0, stderr[-3000:]
     out = [torch.load(base / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    return {"base": base, "results": [o["results"] for o in out], "writes": [o["writes"] for o in out]}
+    return {"base": base, "results": [o["results"] for o in out], "writes": [o["writes"] for o in out],
+            "one_process_indices": one_indices}
+
+
+def interrupted_one_process(digits, run_dir):
+    """One process at 16 x 4, stopped by Ctrl-C after step INTERRUPTED; each step's examples."""
+    cfg = config(train={**SAME}, eval={"every_steps": 10})
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_model(cfg.model, digits.input_shape, digits.output_dim)
+    indices = []
+
+    def on_step(step):
+        indices.append(trainer.indices.tolist())
+        if step == INTERRUPTED:
+            raise KeyboardInterrupt
+
+    trainer = training.Trainer(model, digits, cfg, run_dir, progress=False, on_step=on_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    return indices
 
 
 def one_process(digits, run_dir=None, **train):
@@ -132,12 +157,61 @@ def test_sigterm_on_one_rank_stops_both_and_the_resumed_run_ends_where_an_uninte
                           weights_only=False)["rng"]) == 2  # one random state per rank
 
 
-def test_resuming_a_two_process_run_with_one_process_is_a_clear_error(ranks, digits):
-    cfg = config(train={**SAME, "checkpoint_every_steps": None}, eval={"every_steps": 10})
+def assert_each_epoch_covers_its_windows_once(steps, n_train):
+    """`steps`: every step's examples (all ranks' shards together), from step 1 on."""
+    per_epoch = n_train // 64
+    for epoch in range(0, len(steps), per_epoch):
+        seen = [i for step in steps[epoch:epoch + per_epoch] for i in step]
+        windows = len(steps[epoch:epoch + per_epoch])
+        assert len(seen) == len(set(seen)) == windows * 64  # no example twice, none lost
+        assert sorted(seen) == sorted(training.epoch_order(0, epoch // per_epoch, n_train)[:windows * 64].tolist())
+
+
+def world_size_events(run_dir):
+    return [r for r in storage.read_jsonl(run_dir / training.METRICS) if r.get("event") == "world_size_changed"]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_at_twice_the_accumulation(ranks, digits, tmp_path):
+    shutil.copytree(ranks["base"] / "runs" / "to_one", tmp_path / "run")
+    r0, r1 = (r["to_one"] for r in ranks["results"])
+    assert "after step 12" in r0["terminated"] and r0["step"] == INTERRUPTED
+    cfg = config(train={**SAME}, eval={"every_steps": 10})
+    torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, digits.input_shape, digits.output_dim)
-    with pytest.raises(ConfigError, match=r"^resume: the checkpoint was written by 2 processes and this run has 1; "
-                                          r"resume with world size 2$"):
-        training.Trainer(model, digits, cfg, ranks["base"] / "runs" / "resume", progress=False)
+    indices = []
+    trainer = training.Trainer(model, digits, cfg, tmp_path / "run", progress=False,
+                               on_step=lambda step: indices.append(trainer.indices.tolist()))
+    result = trainer.fit()
+    assert (result.resumed_from_step, result.optimizer_steps) == (INTERRUPTED, STEPS)
+    assert (result.world_size, result.micro_batch_size, result.accumulation_steps) == (1, 16, 4)  # 2 x 16 x 2 before
+    assert result.samples_seen == STEPS * 64
+    reference = ranks["results"][0]["same"]["params"]  # the uninterrupted 2-process run
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in model.parameters()]), reference,
+                               rtol=1e-5, atol=1e-6)
+    assert [(e["step"], e["from"], e["to"], e["micro_batch_size"], e["accumulation_steps"])
+            for e in world_size_events(tmp_path / "run")] == [(INTERRUPTED, 2, 1, 16, 4)]
+    steps = [a + b for a, b in zip(r0["indices"], r1["indices"])] + indices
+    assert len(steps) == STEPS
+    assert_each_epoch_covers_its_windows_once(steps, len(digits.split("train")[0]))
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(ranks, digits):
+    r0, r1 = (r["to_two"] for r in ranks["results"])
+    assert r0["result"]["resumed_from_step"] == r1["result"]["resumed_from_step"] == INTERRUPTED
+    assert (r0["result"]["world_size"], r0["result"]["accumulation_steps"], r0["step"]) == (2, 2, STEPS)
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["params"], ranks["results"][0]["same"]["params"], rtol=1e-5, atol=1e-6)
+    assert [(e["from"], e["to"], e["accumulation_steps"]) for e in
+            world_size_events(ranks["base"] / "runs" / "to_two")] == [(1, 2, 2)]
+    steps = ranks["one_process_indices"] + [a + b for a, b in zip(r0["indices"], r1["indices"])]
+    assert len(steps) == STEPS
+    assert_each_epoch_covers_its_windows_once(steps, len(digits.split("train")[0]))
+
+
+def test_a_world_size_that_cannot_keep_the_effective_batch_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"^train.batch_size: effective batch 64 is not divisible by micro-batch x "
+                                          r"world size = 48$"):
+        config(train={**SAME, "nproc": 3})
 
 
 def test_a_launcher_world_size_other_than_the_configs_is_a_clear_error(digits, monkeypatch):
