@@ -25,7 +25,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from components import cpu, datasets, memory, metrics, models, noise_scale, run_store, storage, throughput, training
+from components import (cpu, datasets, memory, metrics, models, noise_scale, precision, run_store, storage,
+                        throughput, training)
 from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
                                parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
@@ -198,6 +199,8 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     loss_fn = metrics.loss_fn(data.task)
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, data.input_shape, data.output_dim).to(device).train()
+    # every trial step (memory, throughput, noise scale) in the precision training will use
+    model = precision.for_trials(model, cfg.train.precision, device)
 
     # 1. memory: the largest micro-batch that fits
     budget, budget_note = memory_budget(cfg, device)

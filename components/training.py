@@ -17,7 +17,13 @@ DistributedDataParallel: DDP reduces inside the last micro-step's backward, so a
 out of memory before it leaves the others waiting in that all-reduce (the deadlock Composer
 had); here every rank reaches the one collective, and if any ran out of memory all of them
 halve the micro-batch and redo the step. Rank 0 evaluates and broadcasts the numbers, so every
-rank's stopping rules take the same decisions; only rank 0 writes.
+rank's stopping rules take the same decisions; only rank 0 writes. A checkpoint resumes with
+another world size at the same effective batch (Trainer._regroup): the windows are the same, so
+is each step's data, and the accumulation makes up the difference.
+
+Precision (train.precision, components/precision.py): forward and loss under autocast; with fp16
+the scaled loss is backpropagated and a step whose gradients overflow is skipped (a
+"skipped_step" row in metrics.jsonl); noise-scale norms are unscaled first.
 """
 
 import math

@@ -29,6 +29,7 @@ JOBS = {
     "resume": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}, "sigterm_at_step": 12, "resume": True},
     "to_one": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}, "sigterm_at_step": 12},  # resumed here
     "to_two": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}},  # resumes the fixture's 1-process run
+    "bf16": {"train": {"max_steps": STEPS, "precision": "bf16"}, "eval": {"every_steps": 10}},
 }
 INTERRUPTED = 12  # the step the runs that change world size stop at
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -223,3 +224,11 @@ def test_a_launcher_world_size_other_than_the_configs_is_a_clear_error(digits, m
                                           r"config's world size is 1; launch as many as the config says$"):
         training.Trainer(model, digits, cfg, progress=False)
     assert distributed.start(1, torch.device("cpu"), environ={}) == distributed.Runtime()  # no launcher: one rank
+
+
+def test_bf16_across_ranks_trains_as_one_bf16_process_does(ranks, digits):
+    r0, r1 = (r["bf16"] for r in ranks["results"])
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    reference, _ = one_process(digits, precision="bf16")
+    torch.testing.assert_close(r0["params"], reference, rtol=1e-5, atol=1e-6)
+    assert (reference - ranks["results"][0]["same"]["params"]).abs().max() > 1e-3  # and bf16 is not fp32
