@@ -11,17 +11,21 @@ the progress note, W&B and model.pt. Under a launcher that is already there (a K
 TrainJob's torchrun), `run` is that rank directly.
 
     python -m components.train --config config.yaml --dataset dataset/ --model-out model.pt --run-dir runs/r1 \
-        [--probe probe.json]
+        [--probe probe.json] [--storage '{"endpoint_url": "http://minio:9000"}']
+
+--config, --dataset and --probe may be s3:// URIs (a Kubeflow TrainJob's pods get no KFP
+artifacts: pipelines/trainjob.py); --storage says how to reach them (the config's storage.*).
 """
 
 import argparse
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from components import datasets, distributed, launch, lineage, models, run_store, storage, tracking, training
-from components.config import config_hash, for_dataset, load_config_file, parse_config
+from components.config import StorageConfig, config_hash, for_dataset, load_config_file, parse_config
 from components.cpu import configure_threads
 from components.errors import ConfigError, StorageError, exit_on_user_error
 from components.run_record import SUMMARY_FILE
@@ -176,15 +180,36 @@ def main(argv=None) -> None:
     parser.add_argument("--run-dir", required=True, help="the run's store (a directory or s3://): metrics, "
                                                          "checkpoints, summary")
     parser.add_argument("--probe", help="probe.json (from the probe step) deciding 'auto' batch sizes")
+    parser.add_argument("--storage", help="storage settings (JSON, the config's storage.*) for s3:// inputs")
     args = parser.parse_args(argv)
-    config = load_config_file(args.config)
-    if args.probe:
-        from components import probe
+    settings = StorageConfig(**json.loads(args.storage)) if args.storage else None
+    with storage.scratch_dir("train-inputs-") as inputs:
+        config = load_config_file(fetch_input(args.config, inputs / "config", settings))
+        if args.probe:
+            from components import probe
 
-        config = probe.apply(config, storage.read_json(args.probe))
-    outcome = run(config, args.dataset, args.model_out, args.run_dir)
+            config = probe.apply(config, storage.read_json(Path(fetch_input(args.probe, inputs / "probe", settings))))
+        dataset = fetch_input(args.dataset, inputs / "dataset", settings, directory=True)
+        outcome = run(config, dataset, args.model_out, args.run_dir)
     if distributed.runtime_from_env()[0] == 0:  # under a TrainJob's torchrun every rank gets here
         run_store.open_run(config, args.run_dir).put_json("train_result.json", outcome)
+
+
+def fetch_input(uri: str, local: Path, settings=None, directory: bool = False) -> str:
+    """A local path as it is; an s3:// file or directory (every key under it) copied to `local`."""
+    if not run_store.is_remote(uri):
+        return uri
+    if directory:
+        source = RunStore.open(uri, settings)
+        keys = source.list()
+        if not keys:
+            raise StorageError(f"{uri}: no files there; check the URI")
+        for key in keys:
+            source.get_file(key, local / key)
+        return str(local)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    RunStore.open(parent, settings).get_file(name, local)
+    return str(local)
 
 
 if __name__ == "__main__":
