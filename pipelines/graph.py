@@ -2,6 +2,8 @@
 
 train: resolve_data -> data_prep -> probe -> train -> evaluate -> promote (when registry.enabled)
 study: resolve_data -> data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
+and after either, whatever became of it, finalize (a dsl.ExitHandler): a run that failed gets its
+summary.json on the cluster too, where no submitter waits (components/finalize.py).
 
 Parameters: config_json, the resolved config compiled in with no run id, and the typed ones a
 person sets in the KFP UI (components/run_parameters.py: run_id, data_path, data_repo, data_rev,
@@ -81,16 +83,18 @@ def image_digest(image: str) -> Optional[str]:
     return "sha256:" + image.split("@sha256:", 1)[1] if "@sha256:" in image else None
 
 
-def _pipeline(config: dict, name: str, description: str, body):
-    """A @dsl.pipeline over body(parameters), its signature the typed parameters with defaults from
-    the config; every pipeline has the same ones."""
+def _pipeline(config: dict, steps, name: str, description: str, body):
+    """A @dsl.pipeline over body(parameters) inside a dsl.ExitHandler (finalize), its signature the
+    typed parameters with defaults from the config; every pipeline has the same ones."""
     d = parameter_defaults(config)
 
     def pipeline(config_json: str = d["config_json"], run_id: str = d["run_id"], data_path: str = d["data_path"],
                  data_repo: str = d["data_repo"], data_rev: str = d["data_rev"], target: str = d["target"],
                  batch_size: str = d["batch_size"], micro_batch_size: str = d["micro_batch_size"]):
-        body(dict(config_json=config_json, run_id=run_id, data_path=data_path, data_repo=data_repo,
-                  data_rev=data_rev, target=target, batch_size=batch_size, micro_batch_size=micro_batch_size))
+        parameters = dict(config_json=config_json, run_id=run_id, data_path=data_path, data_repo=data_repo,
+                          data_rev=data_rev, target=target, batch_size=batch_size, micro_batch_size=micro_batch_size)
+        with dsl.ExitHandler(_finally(steps, config, parameters)):
+            body(parameters)
 
     return dsl.pipeline(name=name, description=description)(pipeline)
 
@@ -145,12 +149,28 @@ def _place(platform: dict, step: str, task):
     return task
 
 
+def step_order(config: dict) -> list:
+    """The graph's steps in the order they run (what finalize reads the steps' notes by)."""
+    head = ["resolve_data", "data_prep"] + (["probe"] if config["probe"]["enabled"] else [])
+    if config["pipeline"] == "study":
+        return head + ["study_plan", "study_run", "study_report"]
+    return head + ["train", "evaluate"] + (["promote"] if config["registry"]["enabled"] else [])
+
+
+def _finally(steps, config: dict, parameters: dict):
+    """The exit handler's task: it runs after the graph whatever became of it (finalize; under kfp's
+    local runner too), on the pipeline's own parameters."""
+    task = steps.finalize(config_json=parameters["config_json"], run_id=parameters["run_id"], job_id=JOB_ID,
+                          steps=step_order(config))
+    return task.set_caching_options(False)  # it reads this run's notes
+
+
 def _prepare_data(steps, config: dict, parameters: dict):
     """resolve_data -> data_prep: resolve_data merges the typed parameters into config_json, checks
     the result and gives it to every later step (its config_json output), with the data's version,
     resolved on every run (never cached). That version is an input of data_prep, so data_prep's cache
     key changes with the data, not only with the config."""
-    resolved = steps.resolve_data(compiled=json.dumps(compile_time(config)), **parameters)
+    resolved = steps.resolve_data(compiled=json.dumps(compile_time(config)), job_id=JOB_ID, **parameters)
     resolved.set_caching_options(False)
     config_json = resolved.outputs["config_json"]
     return resolved, config_json, steps.data_prep(config_json=config_json, data_source=resolved.outputs["data_source"])
@@ -190,9 +210,8 @@ def train_pipeline(config: dict):
                                     dataset=prep.outputs["dataset"], model=train.outputs["model"])
             promote.set_caching_options(False)  # decides against the registry's champion of now
 
-    pipeline = _pipeline(config, TRAIN_PIPELINE, "data_prep -> probe -> train -> evaluate -> promote: the batch "
-                         "that fits and is worth it, gradient accumulation, early stopping, champion/challenger", body)
-    return pipeline
+    return _pipeline(config, steps, TRAIN_PIPELINE, "data_prep -> probe -> train -> evaluate -> promote: the batch "
+                     "that fits and is worth it, gradient accumulation, early stopping, champion/challenger", body)
 
 
 def study_pipeline(config: dict):
@@ -216,6 +235,5 @@ def study_pipeline(config: dict):
                                     probe_decision=decision)
         report.set_caching_options(False)  # seals the study
 
-    pipeline = _pipeline(config, STUDY_PIPELINE, "steps, samples and time to target across batch sizes; the "
-                         "critical batch size; a report", body)
-    return pipeline
+    return _pipeline(config, steps, STUDY_PIPELINE, "steps, samples and time to target across batch sizes; the "
+                     "critical batch size; a report", body)

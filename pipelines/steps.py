@@ -5,7 +5,8 @@ source alone into its container; the image (Dockerfile) has this package install
 A step that keeps files gets `job_id`, KFP's id of the pipeline run (pipelines/graph.py passes
 its run-time placeholder): the run id when the config names none (components.config.with_run_id).
 Its files go to the run's store, `<output_dir>/<run_id>/` (components/run_store.py), and
-nothing else passes between steps but artifacts and parameters."""
+nothing else passes between steps but artifacts and parameters. Each step notes that it started,
+ended or failed (and why) beside the run, for the exit handler, finalize (components/finalize.py)."""
 
 import functools
 from types import SimpleNamespace
@@ -15,8 +16,8 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def resolve_data(config_json: str, compiled: str, run_id: str, data_path: str, data_repo: str, data_rev: str,
-                 target: str, batch_size: str, micro_batch_size: str) -> NamedTuple(
+def resolve_data(config_json: str, compiled: str, job_id: str, run_id: str, data_path: str, data_repo: str,
+                 data_rev: str, target: str, batch_size: str, micro_batch_size: str) -> NamedTuple(
         "Resolved", [("config_json", str), ("data_source", str), ("batch_size", int), ("micro_batch_size", int)]):
     """The run's config: the typed parameters over config_json, checked (components/run_parameters.py),
     which every later step reads; the data's source and version (a DVC md5, a sha256, an S3
@@ -24,29 +25,33 @@ def resolve_data(config_json: str, compiled: str, run_id: str, data_path: str, d
     import json
     from collections import namedtuple
 
-    from components import data_sources, run_parameters
+    from components import data_sources, finalize, run_parameters
     from components.errors import user_errors_as_one_line
 
     values = dict(run_id=run_id, data_path=data_path, data_repo=data_repo, data_rev=data_rev, target=target,
                   batch_size=batch_size, micro_batch_size=micro_batch_size)
-    with user_errors_as_one_line():
+    where = finalize.run_config(config_json, run_id, job_id)
+    with user_errors_as_one_line(), finalize.recorded(where, "resolve_data") as note:
         config = run_parameters.merge(config_json, values, json.loads(compiled))
         resolved = data_sources.resolve(config)
+        merged, source = json.dumps(config), json.dumps(resolved)
+        note["input_notes"] = {"data_prep": finalize.input_note_key("data_prep", merged, source)}
     print(f"resolve_data: {data_sources.describe(resolved)}: version {resolved['version']}", flush=True)
     sizes = [0 if config["train"][k] == "auto" else config["train"][k] for k in ("batch_size", "micro_batch_size")]
     outputs = namedtuple("Resolved", ["config_json", "data_source", "batch_size", "micro_batch_size"])
-    return outputs(json.dumps(config), json.dumps(resolved), *sizes)
+    return outputs(merged, source, *sizes)
 
 
 def data_prep(config_json: str, data_source: str, dataset: Output[Dataset]):
     """`data_source` (from resolve_data) is part of this step's cache key: new data, new dataset."""
     import json
 
-    from components import data_prep
+    from components import data_prep, finalize
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():
-        manifest = data_prep.run(json.loads(config_json), dataset.path, json.loads(data_source))
+    config = json.loads(config_json)
+    with user_errors_as_one_line(), finalize.recorded_by_inputs(config, "data_prep", config_json, data_source):
+        manifest = data_prep.run(config, dataset.path, json.loads(data_source))
     dataset.metadata.update({"data_version": manifest["data_version"], "counts": manifest["counts"],
                              "task": manifest["task"]})
 
@@ -57,12 +62,13 @@ def probe(config_json: str, job_id: str, dataset: Input[Dataset], report: Output
     import math
     from collections import namedtuple
 
-    from components import probe
+    from components import finalize, probe
     from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():
-        result = probe.run(with_run_id(json.loads(config_json), job_id), dataset.path, report.path)
+    config = with_run_id(json.loads(config_json), job_id)
+    with user_errors_as_one_line(), finalize.recorded(config, "probe"):
+        result = probe.run(config, dataset.path, report.path)
     choice = result["recommendation"]
     report.metadata.update({k: v for k, v in choice.items() if isinstance(v, (int, float)) and math.isfinite(v)})
     outputs = namedtuple("ProbeDecision", ["batch_size", "micro_batch_size", "decision"])
@@ -73,12 +79,12 @@ def train(config_json: str, job_id: str, batch_size: int, micro_batch_size: int,
           model: Output[Model], metrics: Output[Metrics]) -> str:
     import json
 
-    from components import storage, train
+    from components import finalize, storage, train
     from components.config import with_batch_sizes, with_run_id
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():
-        config = with_batch_sizes(with_run_id(json.loads(config_json), job_id), batch_size, micro_batch_size)
+    config = with_batch_sizes(with_run_id(json.loads(config_json), job_id), batch_size, micro_batch_size)
+    with user_errors_as_one_line(), finalize.recorded(config, "train"):
         outcome = train.run(config, dataset.path, model.path)
 
     for key in ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
@@ -99,13 +105,14 @@ def evaluate(config_json: str, job_id: str, train_result: str, probe_decision: s
     import json
     import math
 
-    from components import evaluate, storage
+    from components import evaluate, finalize, storage
     from components.config import with_run_id
     from components.errors import user_errors_as_one_line
     from components.run_record import RunRecord
 
-    with user_errors_as_one_line():
-        summary = evaluate.run(with_run_id(json.loads(config_json), job_id), dataset.path, model.path,
+    config = with_run_id(json.loads(config_json), job_id)
+    with user_errors_as_one_line(), finalize.recorded(config, "evaluate"):
+        summary = evaluate.run(config, dataset.path, model.path,
                                json.loads(train_result), probe_decision=json.loads(probe_decision)
                                if probe_decision else None)
     for key, value in summary["test"].items():
@@ -122,12 +129,12 @@ def promote(config_json: str, job_id: str, evaluation: str, dataset: Input[Datas
     a diverged run is never promoted."""
     import json
 
-    from components import promote, run_store, storage
+    from components import finalize, promote, run_store, storage
     from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():
-        config = with_run_id(json.loads(config_json), job_id)
+    config = with_run_id(json.loads(config_json), job_id)
+    with user_errors_as_one_line(), finalize.recorded(config, "promote"):
         store = run_store.open_run(config)
         summary = json.loads(evaluation)
         result = promote.run(config, summary, model.path, dataset.path, store)
@@ -140,14 +147,16 @@ def study_plan(config_json: str, job_id: str, probe_decision: str, dataset: Inpu
     import json
     from pathlib import Path
 
-    from components import storage, study
+    from components import finalize, storage, study
     from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():
+    config = with_run_id(json.loads(config_json), job_id)
+    with user_errors_as_one_line(), finalize.recorded(config, "study_plan") as note:
         manifest = storage.read_json(Path(dataset.path) / "manifest.json")
-        entries = study.plan(with_run_id(json.loads(config_json), job_id), manifest["counts"]["train"],
+        entries = study.plan(config, manifest["counts"]["train"],
                              json.loads(probe_decision) if probe_decision else None, manifest)
+        note["runs"] = [f"study_run-{entry['name']}" for entry in entries]  # where finalize reads their notes
     print("study_plan: batch sizes " + ", ".join(str(e["batch_size"]) for e in entries), flush=True)
     return [json.dumps(entry) for entry in entries]
 
@@ -157,11 +166,14 @@ def study_run(run_json: str, dataset: Input[Dataset]) -> str:
     study's; returns their rows as a JSON list."""
     import json
 
-    from components import storage, study
+    from components import finalize, storage, study
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():  # the study's store refusing: one line (a run's own failure is its row)
-        rows = study.run_batch(json.loads(run_json), dataset.path)
+    entry = json.loads(run_json)
+    where = {**entry["config"], "run_id": entry["study_id"]}  # the study's store (study.study_store)
+    # the study's store refusing: one line (a run's own failure is its row)
+    with user_errors_as_one_line(), finalize.recorded(where, "study_run", f"study_run-{entry['name']}"):
+        rows = study.run_batch(entry, dataset.path)
     for row in rows:
         if row["status"] == "failed":
             print(f"study_run: run {row['name']} failed: {row['error']}", flush=True)
@@ -172,15 +184,32 @@ def study_report(config_json: str, job_id: str, rows: List[str], probe_decision:
     """The study pipeline's last step: it seals the study."""
     import json
 
-    from components import study
+    from components import finalize, study
     from components.config import with_run_id
     from components.errors import user_errors_as_one_line
 
-    with user_errors_as_one_line():
-        result = study.report(with_run_id(json.loads(config_json), job_id), [json.loads(r) for r in rows],
+    config = with_run_id(json.loads(config_json), job_id)
+    with user_errors_as_one_line(), finalize.recorded(config, "study_report"):
+        result = study.report(config, [json.loads(r) for r in rows],
                               probe=json.loads(probe_decision) if probe_decision else None,
                               html_out=report.path)  # the HTML artifact: shown in the KFP UI
     return json.dumps({k: result[k] for k in ("study_id", "fit", "best", "answer")})
+
+
+def finalize(config_json: str, run_id: str, job_id: str, steps: List[str], status: dsl.PipelineTaskFinalStatus) -> str:
+    """The exit handler: after every other step, whatever became of them. A run that did not succeed
+    gets its summary.json (status, the step that failed and why) in its store (components/finalize.py).
+    It reads the pipeline's own parameters: resolve_data's merged config may never have been made."""
+    import json
+
+    from components import finalize
+    from components.errors import user_errors_as_one_line
+
+    with user_errors_as_one_line():
+        summary = finalize.run(finalize.run_config(config_json, run_id, job_id), status.state, steps)
+    print(f"finalize: {summary['status']} at {summary['step']}: {summary['error']}" if summary else
+          f"finalize: {status.state.lower()}", flush=True)
+    return json.dumps(summary)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,4 +220,5 @@ def make_steps(image: str) -> SimpleNamespace:
     return SimpleNamespace(resolve_data=component(resolve_data), data_prep=component(data_prep),
                            probe=component(probe), train=component(train),
                            evaluate=component(evaluate), promote=component(promote), study_plan=component(study_plan),
-                           study_run=component(study_run), study_report=component(study_report))
+                           study_run=component(study_run), study_report=component(study_report),
+                           finalize=component(finalize))

@@ -39,7 +39,7 @@ def test_gpu_steps_get_accelerators_heavy_resources_node_selectors_and_toleratio
                                   "++platform.node_selector={cloud.google.com/gke-accelerator: nvidia-l4}",
                                   "+platform.resources.steps.train.memory_limit=64Gi")
     pods = containers(spec)
-    assert set(pods) == {"resolve-data", "data-prep", "probe", "train", "evaluate", "promote"}
+    assert set(pods) == {"resolve-data", "data-prep", "probe", "train", "evaluate", "promote", "finalize"}
     for step, pod in pods.items():
         accelerator = pod["resources"].get("accelerator")
         if step in ("probe", "train"):
@@ -58,7 +58,8 @@ def test_gpu_steps_get_accelerators_heavy_resources_node_selectors_and_toleratio
                   for step, pod in pods.items()}
     assert quantities == {"resolve-data": ("500m", "1", "1Gi", "2Gi"), "data-prep": ("500m", "1", "1Gi", "2Gi"),
                           "probe": ("2", "4", "8Gi", "16Gi"), "train": ("2", "4", "8Gi", "64Gi"),
-                          "evaluate": ("500m", "1", "1Gi", "2Gi"), "promote": ("500m", "1", "1Gi", "2Gi")}
+                          "evaluate": ("500m", "1", "1Gi", "2Gi"), "promote": ("500m", "1", "1Gi", "2Gi"),
+                          "finalize": ("500m", "1", "1Gi", "2Gi")}
 
 
 def test_every_task_retries_with_backoff_from_config(tmp_path):
@@ -191,7 +192,8 @@ def test_typed_parameters_a_person_sets_in_the_ui_with_defaults_from_the_config(
     # batch sizes are resolve_data's (the run's config's), not numbers compiled in
     tasks = all_tasks(spec)
     inputs = tasks["resolve-data"]["inputs"]["parameters"]
-    assert {name: inputs[name]["componentInputParameter"] for name in declared} == {name: name for name in declared}
+    assert {name: inputs[name]["componentInputParameter"] for name in declared} == {
+        name: f"pipelinechannel--{name}" for name in declared}  # the exit handler's DAG passes them on
     assert tasks["train"]["inputs"]["parameters"]["batch_size"] == {
         "taskOutputParameter": {"outputParameterKey": "batch_size", "producerTask": "resolve-data"}}
     for step in ("data-prep", "train", "evaluate", "promote"):
@@ -223,11 +225,104 @@ def run_local(tmp_path, run_id, overrides=(), **parameters):
     return tmp_path / run_id
 
 
-def test_typed_parameters_set_for_a_run_are_its_config_in_every_step(tmp_path):
-    from components import storage
+# --- the exit handler ------------------------------------------------------------------------------
 
-    run_dir = run_local(tmp_path, "typed", batch_size="32", micro_batch_size="16", target="0.5")
-    summary = storage.read_json(run_dir / "summary.json")
+def test_the_graph_runs_inside_an_exit_handler_whose_finalize_step_runs_whatever_happens(tmp_path):
+    for pipeline, steps in (("train", ["resolve_data", "data_prep", "probe", "train", "evaluate", "promote"]),
+                            ("study", ["resolve_data", "data_prep", "probe", "study_plan", "study_run",
+                                       "study_report"])):
+        spec, platform = compile_docs(tmp_path, *(STUDY if pipeline == "study" else []), name=f"{pipeline}.yaml")
+        root = spec["root"]["dag"]["tasks"]
+        assert set(root) == {"exit-handler-1", "finalize"}
+        final = root["finalize"]
+        assert final["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+        assert final["dependentTasks"] == ["exit-handler-1"] and not final["cachingOptions"].get("enableCache")
+        params = final["inputs"]["parameters"]
+        assert params["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+        assert params["steps"]["runtimeValue"]["constant"] == steps
+        # the pipeline's own parameters: resolve_data's merged config may never have been made
+        assert {k: params[k] for k in ("config_json", "run_id")} == {
+            "config_json": {"componentInputParameter": "config_json"}, "run_id": {"componentInputParameter": "run_id"}}
+        assert "resolve-data" in spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+        # a light pod that writes to S3: the AWS Secret, no W&B key
+        assert [s["secretName"] for s in platform["exec-finalize"]["secretAsEnv"]] == ["aws-credentials"] * 2
+
+
+def test_the_package_loads_back_with_kfps_loader_and_runs_under_kfps_local_runner(tmp_path):
+    """The package a cluster gets (placement, retries, Secrets, tolerations, the exit handler), read
+    back by kfp's loader and run by kfp's local runner: its config_json names a local output_dir
+    (a run-time key); the compile-time keys are the compiled ones."""
+    from google.protobuf import json_format
+    from kfp import components
+
+    from components import storage
+    from pipelines.local import run_locally
+
+    config = compose_config([*KUBEFLOW, "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=64",
+                             "train.max_steps=10", "tracking.mode=disabled", "registry.enabled=false"])
+    compiler.Compiler().compile(graph.build_pipeline(config), str(tmp_path / "package.yaml"))
+    loaded = components.load_component_from_file(str(tmp_path / "package.yaml"))
+    assert loaded.name == "convergence-train"
+    assert set(loaded.component_spec.inputs) == {"config_json", "run_id", "data_path", "data_repo", "data_rev",
+                                                 "target", "batch_size", "micro_batch_size"}
+    platform = json_format.MessageToDict(loaded.platform_spec)["platforms"]["kubernetes"]
+    assert platform["deploymentSpec"]["executors"]["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    local = tmp_path / "local"
+    local.mkdir()
+    here = {**config, "output_dir": str(tmp_path / "runs"), "run_id": None}
+    typed = {"run_id": "from-the-package", "target": "0.3", "batch_size": "32", "micro_batch_size": "16"}
+    run_locally(loaded, {**graph.run_arguments(here), **typed}, local, progress=False)
+    # the typed parameters, over config_json's values, are the run's config in every step
+    summary = storage.read_json(tmp_path / "runs" / "from-the-package" / "summary.json")
+    assert (summary["status"], summary["run_id"]) == ("completed", "from-the-package")
     assert (summary["effective_batch_size"], summary["micro_batch_size"], summary["accumulation_steps"]) == (32, 16, 2)
-    assert summary["stop_reason"] == "target_reached" and summary["steps_to_target"] == summary["optimizer_steps"]
-    assert summary["samples_seen"] == 32 * summary["optimizer_steps"]
+    assert summary["stop_reason"] == "target_reached" and summary["samples_seen"] == 32 * summary["optimizer_steps"]
+    assert "finalize: succeeded" in (local / "pipeline.log").read_text()
+
+
+BREAKS_IN_TRAIN = '''
+import math, torch
+
+class Breaks(torch.nn.Module):
+    """Builds and runs forward (data_prep checks both); its backward pass raises."""
+    def __init__(self, n, k):
+        super().__init__()
+        self.linear = torch.nn.Linear(n, k)
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1))
+        if out.requires_grad:
+            out.register_hook(self.fail)
+        return out
+
+    @staticmethod
+    def fail(grad):
+        raise RuntimeError("boom in a backward pass")
+
+def build(input_shape, output_dim):
+    return Breaks(math.prod(input_shape), output_dim)
+'''
+
+
+def test_a_failed_run_gets_its_summary_from_the_exit_handler_naming_the_step(tmp_path, monkeypatch):
+    """Under kfp's local runner, without submit (on a cluster nobody waits): a bad typed parameter
+    fails resolve_data, bad data fails data_prep (which knows no run id), a crash fails train."""
+    from components import storage
+    from pipelines.local import PipelineFailed
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "breaks_in_train.py").write_text(BREAKS_IN_TRAIN)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "pkg"))
+    (tmp_path / "nan.csv").write_text("a,target\n" + "1.0,0\nnan,1\n3.0,1\n" * 10)
+    cases = [("badparam", [], {"batch_size": "sixty"}, "resolve_data", "batch_size: 'auto' or a positive integer; "
+                                                                       "got 'sixty'"),
+             ("baddata", ["data=file", f"data.path={tmp_path / 'nan.csv'}"], {}, "data_prep",
+              f"data: 10 NaN/inf feature values in {tmp_path / 'nan.csv'} (features a); clean or impute them first"),
+             ("crash", ["model.factory=breaks_in_train:build"], {}, "train", "RuntimeError: boom in a backward pass")]
+    for run_id, overrides, parameters, step, error in cases:
+        with pytest.raises(PipelineFailed) as failed:
+            run_local(tmp_path, run_id, overrides, **parameters)
+        assert failed.value.step == step  # the local runner's own report agrees
+        summary = storage.read_json(tmp_path / run_id / "summary.json")
+        assert summary == {"run_id": run_id, "status": "failed", "step": step, "error": error, "kfp_state": "FAILED"}
+        assert not (tmp_path / run_id / "manifest.json").exists()
