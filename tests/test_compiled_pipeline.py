@@ -326,3 +326,47 @@ def test_a_failed_run_gets_its_summary_from_the_exit_handler_naming_the_step(tmp
         summary = storage.read_json(tmp_path / run_id / "summary.json")
         assert summary == {"run_id": run_id, "status": "failed", "step": step, "error": error, "kfp_state": "FAILED"}
         assert not (tmp_path / run_id / "manifest.json").exists()
+
+
+# --- the rule: what is fixed at compile time, what each run reads --------------------------------
+
+DVC = ["data=dvc", "data.repo=https://example.com/org/data.git", "data.path=data/train.csv"]
+RUN_TIME = [["eval.target=0.8"], ["train.lr=0.2", "train.max_steps=7"], ["data.rev=v2"], ["tracking.group=nightly"],
+            ["output_dir=s3://elsewhere/runs"], ["train.batch_size=64", "train.micro_batch_size=16"]]
+COMPILE_TIME = [["pipeline=study", "eval.target=0.9"], ["platform.image=reg/img@sha256:" + "c" * 64],
+                ["platform.gpu.count=1"], ["platform.gpu.type=amd.com/gpu", "platform.gpu.count=1"],
+                ["platform.resources.light.memory_limit=4Gi"], ["++platform.node_selector={pool: gpu}"],
+                ["platform.tolerations=[]"], ["platform.retry.max_retries=5"], ["platform.secrets=[]"],
+                ["probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=64"],
+                ["registry.enabled=false"]]
+
+
+def spec_of(tmp_path, *overrides):
+    """(the package's spec sha256 without parameter defaults, the defaults) as kubeflow.py sees them."""
+    from pipelines import kubeflow
+
+    path = tmp_path / "rule.yaml"
+    compiler.Compiler().compile(graph.build_pipeline(compose_config([*KUBEFLOW, *DVC, *overrides])), str(path))
+    spec, platform = kubeflow.read_package(path)
+    defaults = {k: d["defaultValue"] for k, d in spec["root"]["inputDefinitions"]["parameters"].items()}
+    return kubeflow.spec_digest(spec, platform), defaults
+
+
+def test_a_run_time_key_changes_only_the_parameters_defaults(tmp_path):
+    base, base_defaults = spec_of(tmp_path)
+    for overrides in RUN_TIME:
+        digest, defaults = spec_of(tmp_path, *overrides)
+        assert digest == base, overrides  # one pipeline version serves them all
+        assert defaults != base_defaults, overrides
+
+
+def test_a_compile_time_key_changes_the_spec(tmp_path):
+    base, _ = spec_of(tmp_path)
+    for overrides in COMPILE_TIME:
+        assert spec_of(tmp_path, *overrides)[0] != base, overrides
+    study, _ = spec_of(tmp_path, "pipeline=study", "eval.target=0.9")
+    assert spec_of(tmp_path, "pipeline=study", "eval.target=0.9", "study.parallelism=2")[0] != study
+    # every key the rule names is exercised here
+    exercised = {o.lstrip("+").split("=")[0] for case in COMPILE_TIME for o in case} | {"study.parallelism"}
+    assert all(any(e == key or e.startswith(key + ".") for e in exercised) for key in graph.COMPILE_TIME), \
+        sorted(set(graph.COMPILE_TIME) - exercised)
