@@ -275,7 +275,8 @@ def validate_placement(pf: PlatformConfig) -> None:
     for i, secret in enumerate(pf.secrets):
         key = f"platform.secrets[{i}]"
         _check(len(secret.secret_name) <= 253 and _DNS_SUBDOMAIN.fullmatch(secret.secret_name) is not None,
-               f"{key}.secret_name", f"a Kubernetes Secret's name (lowercase, digits, '-', '.'); got {secret.secret_name!r}")
+               f"{key}.secret_name", f"a Kubernetes Secret's name (lowercase, digits, '-', '.'); "
+               f"got {secret.secret_name!r}")
         _check(bool(secret.env), f"{key}.env", "map at least one ENV_VAR to a key of the Secret")
         for env, secret_key in secret.env.items():
             _check(_ENV_NAME.fullmatch(env) is not None, f"{key}.env", f"{env!r} is not an environment variable name")

@@ -63,8 +63,8 @@ def test_without_the_probe_auto_is_refused_at_run_time():
 def test_config_json_cannot_change_what_was_compiled():
     config = compose_config(["data=digits"])
     edited = json.dumps({**config, "probe": {**config["probe"], "enabled": False}})
-    with pytest.raises(ConfigError, match=r"^probe\.enabled: fixed when the pipeline was compiled \(true\), config_json "
-                                          r"says false; compile and submit again to change it$"):
+    with pytest.raises(ConfigError, match=r"^probe\.enabled: fixed when the pipeline was compiled \(true\), "
+                                          r"config_json says false; compile and submit again to change it$"):
         run_parameters.merge(edited, DEFAULTS, graph.compile_time(config))
     with pytest.raises(ConfigError, match=r"^config_json: not JSON"):
         run_parameters.merge("{", DEFAULTS)
