@@ -62,6 +62,13 @@ def test_gpu_steps_get_accelerators_heavy_resources_node_selectors_and_toleratio
                           "finalize": ("500m", "1", "1Gi", "2Gi")}
 
 
+def test_the_config_names_the_steps_the_pipelines_have():
+    from components.config import GPU_STEPS, STEP_NAMES
+    from pipelines.steps import make_steps
+
+    assert set(vars(make_steps("img"))) == set(STEP_NAMES) and set(GPU_STEPS) < set(STEP_NAMES)
+
+
 def test_every_task_retries_with_backoff_from_config(tmp_path):
     spec, _ = compile_docs(tmp_path, "platform.retry.max_retries=3", "platform.retry.backoff_s=30",
                            "platform.retry.backoff_factor=3", "platform.retry.backoff_max_s=900")
