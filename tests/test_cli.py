@@ -336,7 +336,8 @@ def test_study_runs_never_overlap_locally(tmp_path, capsys):
     assert all(run.startswith(f"b{b}-") and re.search(r" \d+ steps, \w+", run)
                for (_, runs), b in zip(finished, (16, 32)) for run in runs.split("; "))
     compiled = yaml.safe_load((tmp_path / "st" / "pipeline.yaml").read_text())
-    assert compiled["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 4  # a cluster's
+    loop = compiled["components"]["comp-exit-handler-1"]["dag"]["tasks"]["for-loop-2"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4  # a cluster's
 
 
 @pytest.mark.parametrize("how", ["the process group", "submit alone, twice"])

@@ -84,7 +84,8 @@ def test_a_run_in_s3_is_read_back_through_its_manifest_and_no_step_writes_elsewh
     artifacts = {("resolve-data", "executor_output.json"), ("data-prep", "executor_output.json"),
                  ("data-prep", "dataset", "manifest.json"), ("data-prep", "dataset", "arrays.npz"),
                  ("probe", "executor_output.json"), ("probe", "report"), ("train", "executor_output.json"),
-                 ("train", "model"), ("evaluate", "executor_output.json"), ("promote", "executor_output.json")}
+                 ("train", "model"), ("evaluate", "executor_output.json"), ("promote", "executor_output.json"),
+                 ("finalize", "executor_output.json")}
     kept = [p.relative_to(kfp).parts for p in files if p.is_relative_to(kfp)]
     task_temp = [parts for parts in kept if parts[0] == "tmp"]
     assert all(len(parts) == 3 and parts[2] == "ephemeral_component.py" for parts in task_temp), listing

@@ -26,27 +26,36 @@ def compiled(tmp_path, *overrides):
     return yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
 
 
+def graph_tasks(spec) -> dict:
+    """The graph's tasks: inside the exit handler, whose finalize step runs after them (pipelines/graph.py)."""
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finalize"}
+    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+
 def test_compiled_pipeline_has_the_steps_in_order(tmp_path):
     spec = compiled(tmp_path, "platform.image=reg/img:1")
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = graph_tasks(spec)
     assert set(tasks) == {"resolve-data", "data-prep", "probe", "train", "evaluate", "promote"}
     # the data version, resolved on every run, is an input of data_prep: part of its cache key
     assert tasks["data-prep"]["inputs"]["parameters"]["data_source"]["taskOutputParameter"] == \
-        {"outputParameterKey": "Output", "producerTask": "resolve-data"}
+        {"outputParameterKey": "data_source", "producerTask": "resolve-data"}
     assert not tasks["resolve-data"]["cachingOptions"].get("enableCache", False)
-    assert tasks["probe"]["dependentTasks"] == ["data-prep"]
-    assert sorted(tasks["train"]["dependentTasks"]) == ["data-prep", "probe"]
-    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["data-prep", "probe", "train"]
+    # every step reads the run's config from resolve_data (the typed parameters merged in)
+    assert sorted(tasks["probe"]["dependentTasks"]) == ["data-prep", "resolve-data"]
+    assert sorted(tasks["train"]["dependentTasks"]) == ["data-prep", "probe", "resolve-data"]
+    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["data-prep", "probe", "resolve-data", "train"]
     # the probe's decision reaches train as typed integer parameters
     train_inputs = tasks["train"]["inputs"]["parameters"]
     assert train_inputs["batch_size"]["taskOutputParameter"] == {"outputParameterKey": "batch_size",
                                                                  "producerTask": "probe"}
     component = spec["components"]["comp-train"]["inputDefinitions"]["parameters"]
     assert component["batch_size"]["parameterType"] == "NUMBER_INTEGER"
-    # one parameter, the config, compiled in without a run id: each run's id is KFP's job id, at run time
-    (param,) = spec["root"]["inputDefinitions"]["parameters"].values()
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json"}
-    assert json.loads(param["defaultValue"])["run_id"] is None
+    # the config compiled in without a run id (each run's id is KFP's job id, at run time), and the
+    # typed parameters (tests/test_compiled_pipeline.py)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"config_json", "run_id", "data_path", "data_repo", "data_rev", "target", "batch_size",
+                           "micro_batch_size"}
+    assert json.loads(params["config_json"]["defaultValue"])["run_id"] is None and params["run_id"]["defaultValue"] == ""
     for step in ("probe", "train", "evaluate"):
         assert tasks[step]["inputs"]["parameters"]["job_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     assert "job_id" not in tasks["data-prep"]["inputs"]["parameters"]  # its cache key stays the data's and config's
@@ -56,7 +65,7 @@ def test_compiled_pipeline_has_the_steps_in_order(tmp_path):
     assert not any("resources" in e["container"] for e in executors.values())  # no GPU asked by default
     assert not tasks["train"]["cachingOptions"].get("enableCache", False)
     # promote: after evaluate (its summary), on train's model and the dataset, never cached
-    assert sorted(tasks["promote"]["dependentTasks"]) == ["data-prep", "evaluate", "train"]
+    assert sorted(tasks["promote"]["dependentTasks"]) == ["data-prep", "evaluate", "resolve-data", "train"]
     assert tasks["promote"]["inputs"]["parameters"]["evaluation"]["taskOutputParameter"] == \
         {"outputParameterKey": "Output", "producerTask": "evaluate"}
     assert tasks["promote"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == \
@@ -77,7 +86,7 @@ def test_an_image_by_digest_reaches_every_task_as_convergence_image_digest(tmp_p
 
 
 def test_registry_disabled_compiles_no_promote_step(tmp_path):
-    tasks = compiled(tmp_path, "registry.enabled=false")["root"]["dag"]["tasks"]
+    tasks = graph_tasks(compiled(tmp_path, "registry.enabled=false"))
     assert "promote" not in tasks and "evaluate" in tasks
 
 
@@ -93,11 +102,14 @@ def test_gpu_steps_request_accelerators_from_config(tmp_path):
 
 def test_without_the_probe_the_config_numbers_feed_train(tmp_path):
     spec = compiled(tmp_path, "probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=16")
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = graph_tasks(spec)
     assert set(tasks) == {"resolve-data", "data-prep", "train", "evaluate", "promote"}
+    # the run's config's numbers, from resolve_data (typed parameters may change them at run time)
     params = tasks["train"]["inputs"]["parameters"]
-    assert (params["batch_size"]["runtimeValue"]["constant"], params["micro_batch_size"]["runtimeValue"]["constant"]) \
-        == (64, 16)
+    assert [params[k]["taskOutputParameter"] for k in ("batch_size", "micro_batch_size")] == [
+        {"outputParameterKey": k, "producerTask": "resolve-data"} for k in ("batch_size", "micro_batch_size")]
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    assert (declared["batch_size"]["defaultValue"], declared["micro_batch_size"]["defaultValue"]) == ("64", "16")
 
 
 def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):

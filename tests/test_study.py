@@ -259,15 +259,16 @@ def test_compiled_study_fans_out_the_runs_and_collects_them(tmp_path):
     assert submit.main(["--compile-only", "pipeline=study", f"output_dir={tmp_path}", "run_id=c",
                         "study.parallelism=3", "platform.gpu.count=1"]) == 0
     spec = yaml.safe_load((tmp_path / "c" / "pipeline.yaml").read_text())
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"resolve-data", "data-prep", "probe", "study-plan", "for-loop-1", "study-report"}
-    loop = tasks["for-loop-1"]
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finalize"}  # the graph inside the exit handler
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert set(tasks) == {"resolve-data", "data-prep", "probe", "study-plan", "for-loop-2", "study-report"}
+    loop = tasks["for-loop-2"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--study-plan-Output"
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
-    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    inner = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
     assert set(inner) == {"study-run"}
     report_rows = tasks["study-report"]["inputs"]["parameters"]["rows"]["taskOutputParameter"]
-    assert report_rows["producerTask"] == "for-loop-1"
+    assert report_rows["producerTask"] == "for-loop-2"
     executors = spec["deploymentSpec"]["executors"]
     assert executors["exec-study-run"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     assert "resources" not in executors["exec-study-report"]["container"]
