@@ -203,6 +203,15 @@ def _store_log_if_it_answers(store: RunStore, local: Path) -> None:
         pass
 
 
+def _failed_step(store: RunStore) -> Optional[str]:
+    """The step that failed, as the exit handler (components/finalize.py) found it and wrote it into
+    the run's summary.json; its error line is the step's own, as here."""
+    try:
+        return store.get_json(SUMMARY_FILE).get("step") if store.exists(SUMMARY_FILE) else None
+    except (StorageError, ValueError, AttributeError):  # absent, unreadable or not a dict: no step to name
+        return None
+
+
 def _status(store: RunStore) -> Optional[str]:
     try:
         return outputs.status(store)
@@ -254,7 +263,8 @@ def _failed(config, store, local, exc: PipelineFailed) -> int:
         return _diverged(outputs.read_summary(store), store.uri)
     # The run keeps config, compiled pipeline and log; it is not published (no manifest).
     message = strip_ansi(str(exc))
-    save_note(store, local, {"run_id": config["run_id"], "status": "failed", "error": message})
+    save_note(store, local, {"run_id": config["run_id"], "status": "failed", "step": _failed_step(store),
+                             "error": message})
     print(f"error: {message}", file=sys.stderr)
     print(f"{'full traceback in' if exc.traceback else 'full log:'} {local / LOG_FILE}", file=sys.stderr)
     return EXIT_USER_ERROR

@@ -225,7 +225,9 @@ def test_bad_data_in_the_pipeline_gives_one_line_and_no_partial_output(tmp_path,
     assert err[0] == f"error: data: 10 NaN/inf feature values in {tmp_path / 'nan.csv'} (features a); clean or impute them first"
     assert err[1].startswith("full log: ")
     run_dir = tmp_path / "out" / "bad"
-    assert storage.read_json(run_dir / "summary.json") == {"run_id": "bad", "status": "failed", "error": err[0][7:]}
+    # the step named as the exit handler found it (components/finalize.py), the error as the step said it
+    assert storage.read_json(run_dir / "summary.json") == {"run_id": "bad", "status": "failed", "step": "data_prep",
+                                                           "error": err[0][7:]}
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "model.pt").exists()
     assert not list((run_dir / outputs.KFP_DIR).rglob("manifest.json")) and not (run_dir / "manifest.json").exists()
 
