@@ -80,7 +80,8 @@ def print_summary(summary: dict, where: str) -> None:
     best = r.best_metric or {}
     rows = [
         ("effective batch", f"{fmt(r.effective_batch_size)} = {fmt(r.micro_batch_size)} micro x "
-                            f"{fmt(r.accumulation_steps)} accumulation x {fmt(r.world_size)} process"),
+                            f"{fmt(r.accumulation_steps)} accumulation x {fmt(r.world_size)} "
+                            f"{'process' if r.world_size == 1 else 'processes'}"),
         ("learning rate", f"{fmt(r.lr)} ({r.optimizer or '-'})"),
         ("optimizer steps", fmt(r.optimizer_steps)),
         ("epochs", fmt(r.epochs, 3)),

@@ -35,7 +35,7 @@ def test_submit_with_two_processes_trains_the_same_weights_as_one(tmp_path, caps
     two = storage.read_json(tmp_path / "two" / "summary.json")
     assert (two["world_size"], two["micro_batch_size"], two["accumulation_steps"]) == (2, 16, 2)
     assert two["status"] == "completed" and two["optimizer_steps"] == 30 and two["samples_seen"] == 30 * 64
-    assert "64 = 16 micro x 2 accumulation x 2 process" in capsys.readouterr().out
+    assert "64 = 16 micro x 2 accumulation x 2 processes" in capsys.readouterr().out
     # the reference: the same resolved config in one process (16 x 4), on the same data, here
     raw = yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())
     raw.update(run_id="one", train={**raw["train"], "nproc": 1})
