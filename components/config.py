@@ -259,6 +259,17 @@ class PlatformConfig:
     tolerations: List[Toleration] = field(default_factory=list)  # taints the GPU steps' pods tolerate
     retry: RetryConfig = field(default_factory=RetryConfig)
     secrets: List[SecretConfig] = field(default_factory=list)
+    # Machines training together (platform=kubeflow only): > 1 replaces the train step with train_job,
+    # a light pod that runs the training as a Kubeflow Trainer TrainJob of this many nodes, each with
+    # platform.gpu.count GPUs (train.nproc ranks on CPU pods), and collects its outputs
+    # (components/trainjob_launch.py). Needs Kubeflow Trainer v2.3 and RBAC for the launcher.
+    nodes: int = 1
+    # A TrainJob with no status condition after this long failed to start (its JobSet could not be
+    # created: quota, admission, a missing runtime): the launcher fails, showing the JobSet and events.
+    trainjob_start_timeout_s: float = 600.0
+    # false: the launcher deletes the TrainJob (its JobSet and pods) once it ended and its status,
+    # events and log tail are printed; true: kept for kubectl (delete it yourself; a retry reattaches).
+    trainjob_keep: bool = False
 
 
 @dataclass

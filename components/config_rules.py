@@ -145,6 +145,7 @@ def validate(cfg: Config) -> None:
     if cfg.platform.name == "kubeflow":
         validate_kubeflow(cfg.platform)
     _check(cfg.platform.gpu.count >= 0, "platform.gpu.count", f"must be >= 0; got {cfg.platform.gpu.count}")
+    validate_nodes(cfg)
     validate_placement(cfg.platform)
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     st = cfg.storage
@@ -205,6 +206,22 @@ def validate_kubeflow(pf: PlatformConfig) -> None:
                "platform.schedule creates or replaces one: set one of them")
     _check(not (pf.wait and (pf.schedule or pf.schedule_action)), "platform.wait",
            "a schedule starts its runs later, so there is no run to wait for")
+
+
+def validate_nodes(cfg: Config) -> None:
+    """platform.nodes > 1: a Kubeflow Trainer TrainJob (components/trainjob_launch.py), which needs a
+    cluster, one training run and storage every node reaches."""
+    pf = cfg.platform
+    _check(type(pf.nodes) is int and pf.nodes >= 1, "platform.nodes", f"must be an integer >= 1; got {pf.nodes!r}")
+    _check(pf.trainjob_start_timeout_s > 0, "platform.trainjob_start_timeout_s",
+           f"must be > 0; got {pf.trainjob_start_timeout_s}")
+    if pf.nodes > 1:
+        _check(pf.name == "kubeflow", "platform.nodes", f"{pf.nodes} nodes train as a Kubeflow Trainer TrainJob: "
+               "use platform=kubeflow (on one machine, train.nproc=N processes)")
+        _check(cfg.pipeline == "train", "platform.nodes", "the study trains each of its runs in one study_run pod; "
+               "use platform.nodes=1 with pipeline=study")
+        _check(str(cfg.output_dir).startswith("s3://"), "platform.nodes", "the TrainJob's pods read their inputs "
+               f"and write the run through output_dir: use s3://bucket/prefix; got {cfg.output_dir!r}")
 
 
 _CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")  # what kfp's set_cpu_* accept (kfp/dsl/pipeline_task.py)

@@ -75,7 +75,7 @@ def check_launchable(cfg: Config) -> None:
     """What this launcher cannot do, said before any process starts."""
     if cfg.nodes > 1:
         raise ConfigError(f"platform.nodes: {cfg.nodes} nodes train in a Kubeflow Trainer TrainJob "
-                          "(pipelines/trainjob.py), not in one train step")
+                          "(components/trainjob.py), not in one train step")
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cuda_count()):
         have = _cuda_count()
         if have < cfg.nproc_per_node:

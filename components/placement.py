@@ -1,15 +1,35 @@
 """The schemas of where and how each step runs on a cluster (platform.resources, retry,
 tolerations, secrets), part of PlatformConfig in components/config.py; pipelines/graph.py applies
-them to the compiled pipeline and components/config_rules.py checks them."""
+them to the compiled pipeline, components/trainjob.py to a TrainJob's pods, and
+components/config_rules.py checks them."""
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 # The pipeline's steps, as its KFP tasks are named (pipelines/steps.py); the GPU steps are the ones
 # that train or time (they get platform.gpu, platform.resources.heavy, node_selector, tolerations).
-STEP_NAMES = ("resolve_data", "data_prep", "probe", "train", "evaluate", "promote", "study_plan", "study_run",
-              "study_report", "finalize")
+# train_job replaces train when platform.nodes > 1: a light pod launching a Kubeflow Trainer TrainJob
+# whose pods get what train would (components/trainjob.py).
+STEP_NAMES = ("resolve_data", "data_prep", "probe", "train", "train_job", "evaluate", "promote", "study_plan",
+              "study_run", "study_report", "finalize")
 GPU_STEPS = ("probe", "train", "study_run")
+WAITS_FOR = {"train_job": "train"}  # a light step that lasts as long as another: it gets that one's timeout_s
+
+
+def pod_resources(platform: dict, step: str) -> dict:
+    """The step's requests, limits and timeout: its kind's (heavy for GPU_STEPS, else light) with
+    platform.resources.steps.<step> over them. train_job waits for the TrainJob's training, so its
+    timeout is train's (the TrainJob's activeDeadlineSeconds) unless it has its own."""
+    resources = platform["resources"]
+    pod = {**resources["heavy" if step in GPU_STEPS else "light"]}
+    if step in WAITS_FOR:
+        pod["timeout_s"] = pod_resources(platform, WAITS_FOR[step])["timeout_s"]
+    return {**pod, **resources["steps"].get(step, {})}
+
+
+def image_digest(image: str) -> Optional[str]:
+    """"sha256:<hex>" of an image named by digest, else None."""
+    return "sha256:" + image.split("@sha256:", 1)[1] if "@sha256:" in image else None
 
 
 @dataclass

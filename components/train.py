@@ -14,7 +14,7 @@ TrainJob's torchrun), `run` is that rank directly.
         [--probe probe.json] [--storage '{"endpoint_url": "http://minio:9000"}']
 
 --config, --dataset and --probe may be s3:// URIs (a Kubeflow TrainJob's pods get no KFP
-artifacts: pipelines/trainjob.py); --storage says how to reach them (the config's storage.*).
+artifacts: components/trainjob.py); --storage says how to reach them (the config's storage.*).
 """
 
 import argparse

@@ -1,6 +1,8 @@
 """The pipeline graphs, built in one place.
 
-train: resolve_data -> data_prep -> probe -> train -> evaluate -> promote (when registry.enabled)
+train: resolve_data -> data_prep -> probe -> train -> evaluate -> promote (when registry.enabled); with
+       platform.nodes > 1 train_job in train's place: a light pod that runs the training as a
+       Kubeflow Trainer TrainJob on that many nodes and hands on the same outputs (components/trainjob_launch.py)
 study: resolve_data -> data_prep -> probe -> study_plan -> study_run per batch size (fanned out) -> study_report
 and after either, whatever became of it, finalize (a dsl.ExitHandler): a run that failed gets its
 summary.json on the cluster too, where no submitter waits (components/finalize.py).
@@ -17,7 +19,7 @@ tests/test_compiled_pipeline.py):
 - compile time (COMPILE_TIME): what shapes the pods and the graph. platform.image (and its digest),
   the accelerators (platform.gpu: constants, never a parameter), the placement (platform.resources,
   node_selector, tolerations, retry), the Secrets' names (platform.secrets), and the graph's shape
-  (pipeline, probe.enabled, registry.enabled, study.parallelism). Changing one is compiling and
+  (pipeline, probe.enabled, registry.enabled, study.parallelism, platform.nodes: train or train_job). Changing one is compiling and
   submitting again (a new pipeline version); resolve_data refuses a config_json that disagrees.
 - run time: everything else. The typed parameters, the rest of config_json, the run id and the
   data's revision (resolve_data resolves it on every run: a schedule's runs read the newest). The
@@ -31,13 +33,13 @@ own digest).
 
 import json
 from types import SimpleNamespace
-from typing import Optional
 
 from kfp import dsl, kubernetes
 
 from components import run_parameters
 from components.config import GPU_STEPS
 from components.lineage import IMAGE_DIGEST_ENV
+from components.placement import image_digest, pod_resources
 from pipelines.steps import make_steps
 
 TRAIN_PIPELINE = "convergence-train"
@@ -49,7 +51,7 @@ JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # resolved by KFP (and by kfp's local 
 # Fixed when the pipeline is compiled (see the module's doc): the image, what the pods get, the graph's shape.
 COMPILE_TIME = ("pipeline", "platform.image", "platform.gpu", "platform.resources", "platform.node_selector",
                 "platform.tolerations", "platform.retry", "platform.secrets", "probe.enabled", "registry.enabled",
-                "study.parallelism")
+                "study.parallelism", "platform.nodes")
 
 
 def build_pipeline(config: dict):
@@ -78,11 +80,6 @@ def run_arguments(config: dict) -> dict:
     return {"config_json": json.dumps(config), **run_parameters.values_of(config)}
 
 
-def image_digest(image: str) -> Optional[str]:
-    """"sha256:<hex>" of an image named by digest, else None."""
-    return "sha256:" + image.split("@sha256:", 1)[1] if "@sha256:" in image else None
-
-
 def _pipeline(config: dict, steps, name: str, description: str, body):
     """A @dsl.pipeline over body(parameters) inside a dsl.ExitHandler (finalize), its signature the
     typed parameters with defaults from the config; every pipeline has the same ones."""
@@ -107,13 +104,6 @@ def _steps(config: dict) -> SimpleNamespace:
         return lambda **kwargs: _place(config["platform"], step, component(**kwargs))
 
     return SimpleNamespace(**{name: placed(name, component) for name, component in vars(steps).items()})
-
-
-def pod_resources(platform: dict, step: str) -> dict:
-    """The step's requests, limits and timeout: its kind's (heavy for GPU_STEPS, else light) with
-    platform.resources.steps.<step> over them."""
-    resources = platform["resources"]
-    return {**resources["heavy" if step in GPU_STEPS else "light"], **resources["steps"].get(step, {})}
 
 
 def _place(platform: dict, step: str, task):
@@ -154,7 +144,12 @@ def step_order(config: dict) -> list:
     head = ["resolve_data", "data_prep"] + (["probe"] if config["probe"]["enabled"] else [])
     if config["pipeline"] == "study":
         return head + ["study_plan", "study_run", "study_report"]
-    return head + ["train", "evaluate"] + (["promote"] if config["registry"]["enabled"] else [])
+    return head + [_train_step(config), "evaluate"] + (["promote"] if config["registry"]["enabled"] else [])
+
+
+def _train_step(config: dict) -> str:
+    """train, or with platform.nodes > 1 train_job (its launcher; the TrainJob's pods get the GPUs)."""
+    return "train_job" if config["platform"].get("nodes", 1) > 1 else "train"
 
 
 def _finally(steps, config: dict, parameters: dict):
@@ -198,8 +193,8 @@ def train_pipeline(config: dict):
             batch, micro, decision = (probe.outputs[k] for k in ("batch_size", "micro_batch_size", "decision"))
         else:  # the run's config's numbers (resolve_data refuses 'auto' without the probe)
             batch, micro, decision = resolved.outputs["batch_size"], resolved.outputs["micro_batch_size"], ""
-        train = steps.train(config_json=config_json, job_id=JOB_ID, batch_size=batch, micro_batch_size=micro,
-                            dataset=prep.outputs["dataset"])
+        train = getattr(steps, _train_step(config))(config_json=config_json, job_id=JOB_ID, batch_size=batch,
+                                                    micro_batch_size=micro, dataset=prep.outputs["dataset"])
         evaluate = steps.evaluate(config_json=config_json, job_id=JOB_ID, train_result=train.outputs["Output"],
                                   probe_decision=decision, dataset=prep.outputs["dataset"],
                                   model=train.outputs["model"])

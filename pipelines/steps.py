@@ -79,7 +79,7 @@ def train(config_json: str, job_id: str, batch_size: int, micro_batch_size: int,
           model: Output[Model], metrics: Output[Metrics]) -> str:
     import json
 
-    from components import finalize, storage, train
+    from components import finalize, storage, train, train_outputs
     from components.config import with_batch_sizes, with_run_id
     from components.errors import user_errors_as_one_line
 
@@ -87,14 +87,32 @@ def train(config_json: str, job_id: str, batch_size: int, micro_batch_size: int,
     with user_errors_as_one_line(), finalize.recorded(config, "train"):
         outcome = train.run(config, dataset.path, model.path)
 
-    for key in ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
-                "accumulation_steps", "lr", "steps_to_target"):
-        if outcome[key] is not None:
-            metrics.log_metric(key, outcome[key])
-    # metadata is serialized as protobuf JSON, which refuses NaN: only finite values, status beside
-    model.metadata.update({"data_version": outcome["data_version"], "config_hash": outcome["config_hash"],
-                           "status": outcome["status"], "has_weights": outcome["model_file"] is not None})
+    for key, value in train_outputs.metrics(outcome).items():
+        metrics.log_metric(key, value)
+    model.metadata.update(train_outputs.model_metadata(outcome))
     if outcome["model_file"] is None:  # diverged with no finite evaluation: an empty artifact, said so
+        open(model.path, "wb").close()
+    return storage.dumps(outcome)
+
+
+def train_job(config_json: str, job_id: str, batch_size: int, micro_batch_size: int, dataset: Input[Dataset],
+              model: Output[Model], metrics: Output[Metrics]) -> str:
+    """train's place with platform.nodes > 1: a light pod that trains as a Kubeflow Trainer TrainJob
+    and hands on exactly train's outputs (components/trainjob_launch.py)."""
+    import json
+
+    from components import finalize, storage, train_outputs, trainjob_launch
+    from components.config import with_batch_sizes, with_run_id
+    from components.errors import user_errors_as_one_line
+
+    config = with_batch_sizes(with_run_id(json.loads(config_json), job_id), batch_size, micro_batch_size)
+    with user_errors_as_one_line(), finalize.recorded(config, "train_job"):
+        outcome = trainjob_launch.run(config, dataset.path, model.path)
+
+    for key, value in train_outputs.metrics(outcome).items():
+        metrics.log_metric(key, value)
+    model.metadata.update(train_outputs.model_metadata(outcome))
+    if outcome["model_file"] is None:
         open(model.path, "wb").close()
     return storage.dumps(outcome)
 
@@ -218,7 +236,7 @@ def make_steps(image: str) -> SimpleNamespace:
     this project, so nothing is pip-installed when a pod starts."""
     component = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
     return SimpleNamespace(resolve_data=component(resolve_data), data_prep=component(data_prep),
-                           probe=component(probe), train=component(train),
+                           probe=component(probe), train=component(train), train_job=component(train_job),
                            evaluate=component(evaluate), promote=component(promote), study_plan=component(study_plan),
                            study_run=component(study_run), study_report=component(study_report),
                            finalize=component(finalize))

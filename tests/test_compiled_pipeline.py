@@ -345,7 +345,7 @@ COMPILE_TIME = [["pipeline=study", "eval.target=0.9"], ["platform.image=reg/img@
                 ["platform.resources.light.memory_limit=4Gi"], ["++platform.node_selector={pool: gpu}"],
                 ["platform.tolerations=[]"], ["platform.retry.max_retries=5"], ["platform.secrets=[]"],
                 ["probe.enabled=false", "train.batch_size=64", "train.micro_batch_size=64"],
-                ["registry.enabled=false"]]
+                ["registry.enabled=false"], ["platform.nodes=2"]]
 
 
 def spec_of(tmp_path, *overrides):

@@ -1,4 +1,4 @@
-"""The Kubeflow Trainer TrainJob for several nodes (pipelines/trainjob.py): it validates against
+"""The Kubeflow Trainer TrainJob for several nodes (components/trainjob.py): it validates against
 Trainer v2.3's TrainJob CRD with unknown fields refused, and is asserted field by field; its pods'
 command reads the config and dataset from storage URIs (no KFP artifacts there), tested on moto."""
 
@@ -14,7 +14,7 @@ from components import data_prep, storage, train
 from components.config import Config, parse_config, with_run_id
 from components.errors import ConfigError
 from components.run_store import RunStore, settings_of
-from pipelines import trainjob
+from components import trainjob
 from pipelines.config import compose_config
 
 SCHEMA = Path(__file__).with_name("reference") / "kubeflow-trainer" / "trainjob.v1alpha1.schema.json"
@@ -49,11 +49,10 @@ def errors(validator, manifest):
 
 
 @pytest.fixture
-def two_nodes(monkeypatch):
-    """A cluster config of 2 nodes x 2 GPUs. PlatformConfig has no `nodes` key yet (its owner adds
-    it); Config.nodes reads it, so here it says 2."""
-    monkeypatch.setattr(Config, "nodes", property(lambda self: 2))
-    raw = compose_config(["platform=kubeflow", "platform.host=https://kfp.example.com", "output_dir=s3://b/runs",
+def two_nodes():
+    """A cluster config of 2 nodes x 2 GPUs."""
+    raw = compose_config(["platform=kubeflow", "platform.nodes=2", "platform.host=https://kfp.example.com",
+                          "output_dir=s3://b/runs",
                           "data=digits", "platform.gpu.count=2", f"platform.image=reg/img@{DIGEST}",
                           "platform.namespace=team-ml", "++platform.node_selector={nvidia.com/gpu.product: H100}",
                           "storage.endpoint_url=http://minio:9000"])

@@ -1,6 +1,7 @@
 """The Kubeflow Trainer TrainJob that trains a run on several nodes (platform.nodes > 1).
 
-One KFP task cannot span nodes, so the train step of such a run hands its training to a
+One KFP task cannot span nodes, so such a run's train_job step (components/trainjob_launch.py:
+it uploads the inputs, creates this, follows it and collects the outputs) hands its training to a
 TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2.3) on the `torch-distributed`
 runtime: numNodes pods of the same image, each running
 
@@ -28,12 +29,13 @@ from typing import Optional
 from components.config import parse_config
 from components.errors import ConfigError
 from components.lineage import IMAGE_DIGEST_ENV
+from components.placement import image_digest, pod_resources
 from components.run_store import join_uri, run_uri
-from pipelines.graph import image_digest, pod_resources
 
-API_VERSION = "trainer.kubeflow.org/v1alpha1"
+API_VERSION = "trainer.kubeflow.org/v1alpha1"  # GROUP/VERSION below
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer installs; its replicated job is "node"
 REPLICATED_JOB = "node"
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 MANAGER = "convergence-pipeline.dev/train-launcher"  # owns our runtimePatches entry
 INPUTS_DIR = "trainjob"  # in the run's store: config.json, dataset/, probe.json for the pods
 MODEL_OUT = "/tmp/convergence/model.pt"  # in each pod; rank 0 also puts it in the run's store

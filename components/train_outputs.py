@@ -1,0 +1,19 @@
+"""What a train step hands KFP besides the model file, from its outcome (components/train.py: run):
+the same for the train step and for train_job (several nodes, components/trainjob_launch.py), so
+that evaluate and promote cannot tell them apart."""
+
+METRIC_KEYS = ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
+               "accumulation_steps", "lr", "steps_to_target")
+
+
+def metrics(outcome: dict) -> dict:
+    """The Metrics artifact's values: the keys above that have one."""
+    return {key: outcome[key] for key in METRIC_KEYS if outcome[key] is not None}
+
+
+def model_metadata(outcome: dict) -> dict:
+    """The Model artifact's metadata. It is serialized as protobuf JSON, which refuses NaN: only
+    finite values, the status beside them; has_weights false is an empty artifact (diverged with no
+    finite evaluation)."""
+    return {"data_version": outcome["data_version"], "config_hash": outcome["config_hash"],
+            "status": outcome["status"], "has_weights": outcome["model_file"] is not None}
