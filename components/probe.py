@@ -25,8 +25,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from components import (cpu, datasets, memory, metrics, models, noise_scale, precision, run_store, storage,
-                        throughput, training)
+from components import (cpu, datasets, memory, metrics, models, noise_scale, plan, precision, run_store, storage,
+                        throughput)
 from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
                                parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
@@ -148,7 +148,7 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
         note = (f"goodput at batch {chosen['effective_batch_size']} ({_span(chosen)}) overlaps the best, batch "
                 f"{best['effective_batch_size']} ({_span(best)}), within the measured spread: "
                 f"the smaller batch {chosen['effective_batch_size']} is chosen")
-    lr = training.scaled_lr(t.lr, chosen["effective_batch_size"], t.base_batch_size, t.lr_scaling)
+    lr = plan.scaled_lr(t.lr, chosen["effective_batch_size"], t.base_batch_size, t.lr_scaling)
     return {**chosen, "world_size": world, "lr": lr, "options": options, "spread_note": note}
 
 
@@ -193,7 +193,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
 
     start = time.perf_counter()
     threads = cpu.configure_threads(cfg.train)  # before anything is timed: the pace training will see
-    device = training.resolve_device(cfg.train.device)
+    device = plan.resolve_device(cfg.train.device)
     x, y = (torch.as_tensor(a).to(device) for a in data.split("train"))
     n_train = len(x)
     loss_fn = metrics.loss_fn(data.task)
@@ -228,7 +228,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
 
     # 2. throughput on a ladder of micro-batches
     def optimizer_factory(m):
-        return training.make_optimizer(m, cfg.train, cfg.train.lr)
+        return plan.make_optimizer(m, cfg.train, cfg.train.lr)
 
     timed = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch, device,
                               time_s=cfg.probe.throughput_time_s, remeasure=cfg.probe.throughput_remeasure,

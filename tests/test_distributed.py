@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import distributed, early_stopping, models, storage, training
+from components import distributed, early_stopping, models, plan, storage, training
 from components.errors import ConfigError
 from conftest import config
 
@@ -124,7 +124,7 @@ def test_each_window_is_split_into_disjoint_shards_that_cover_it(ranks, digits):
     steps_per_epoch = n_train // 64
     for step in range(STEPS):
         epoch, window = divmod(step, steps_per_epoch)
-        order = training.epoch_order(0, epoch, n_train)[window * 64:(window + 1) * 64].tolist()
+        order = plan.epoch_order(0, epoch, n_train)[window * 64:(window + 1) * 64].tolist()
         assert len(shards[0][step]) == len(shards[1][step]) == 32
         assert not set(shards[0][step]) & set(shards[1][step])
         assert shards[0][step] + shards[1][step] == order
@@ -165,7 +165,7 @@ def assert_each_epoch_covers_its_windows_once(steps, n_train):
         seen = [i for step in steps[epoch:epoch + per_epoch] for i in step]
         windows = len(steps[epoch:epoch + per_epoch])
         assert len(seen) == len(set(seen)) == windows * 64  # no example twice, none lost
-        assert sorted(seen) == sorted(training.epoch_order(0, epoch // per_epoch, n_train)[:windows * 64].tolist())
+        assert sorted(seen) == sorted(plan.epoch_order(0, epoch // per_epoch, n_train)[:windows * 64].tolist())
 
 
 def world_size_events(run_dir):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from components import early_stopping, models, noise_scale, storage, training
+from components import accumulation, early_stopping, models, noise_scale, plan, storage, training
 from components.config import parse_config
 from conftest import config
 from pipelines.config import CONF_DIR, compose_config
@@ -50,7 +50,7 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(digits):
     torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
     full = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    losses = training.accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, indices, 16)
+    losses = accumulation.accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, indices, 16)
     assert len(losses) == 4
     for a, b in zip(full, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -66,15 +66,15 @@ def test_a_noise_measuring_step_without_accumulation_splits_the_batch_and_keeps_
         torch.manual_seed(0)
         model = models.build_model(config().model, digits.input_shape, 10)
         noise = noise_scale.NoiseScaleTracker(population=len(x))
-        micro = training.measuring_micro(32, 32) if split else 32
-        training.accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, indices, micro,
+        micro = accumulation.measuring_micro(32, 32) if split else 32
+        accumulation.accumulate_gradients(model, torch.nn.functional.cross_entropy, x, y, indices, micro,
                                       noise if split else None)
         grads[split] = torch.cat([p.grad.flatten() for p in model.parameters()])
         if split:
             assert micro == 16 and noise.updates == 1 and noise.grad_sq != 0.0
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
-    assert [training.measuring_micro(b, b) for b in (32, 15, 7, 1)] == [16, 5, None, None]
-    assert training.measuring_micro(128, 32) == 32  # with accumulation, the step's own micro-batch
+    assert [accumulation.measuring_micro(b, b) for b in (32, 15, 7, 1)] == [16, 5, None, None]
+    assert accumulation.measuring_micro(128, 32) == 32  # with accumulation, the step's own micro-batch
 
 
 def test_every_run_tracks_the_noise_scale_and_measuring_steps_do_not_change_training(digits, tmp_path):
@@ -100,26 +100,26 @@ def test_last_incomplete_window_is_dropped_and_every_step_sees_the_effective_bat
     assert result.stop_reason == early_stopping.MAX_EPOCHS
     rows = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert [r["samples_seen"] for r in rows] == [100 * s for s in range(1, 25)]
-    order = training.epoch_order(0, 0, 1259)
+    order = plan.epoch_order(0, 0, 1259)
     assert len(set(order[:1200].tolist())) == 1200  # one epoch: 12 disjoint windows of 100
-    assert not torch.equal(order, training.epoch_order(0, 1, 1259))  # reshuffled every epoch
+    assert not torch.equal(order, plan.epoch_order(0, 1, 1259))  # reshuffled every epoch
 
 
 def test_lr_scaling_rules():
-    assert training.scaled_lr(0.1, 256, 32, "linear") == pytest.approx(0.8)
-    assert training.scaled_lr(0.1, 256, 64, "sqrt") == pytest.approx(0.2)
-    assert training.scaled_lr(0.1, 256, 32, "none") == pytest.approx(0.1)
-    assert training.scaled_lr(0.1, 16, 32, "linear") == pytest.approx(0.05)
+    assert plan.scaled_lr(0.1, 256, 32, "linear") == pytest.approx(0.8)
+    assert plan.scaled_lr(0.1, 256, 64, "sqrt") == pytest.approx(0.2)
+    assert plan.scaled_lr(0.1, 256, 32, "none") == pytest.approx(0.1)
+    assert plan.scaled_lr(0.1, 16, 32, "linear") == pytest.approx(0.05)
 
 
 def test_warmup_then_cosine_schedule():
     t = config(train={"warmup_steps": 4, "schedule": "cosine"}).train
-    lrs = [training.lr_at(s, 1.0, t, total_steps=14) for s in range(15)]
+    lrs = [plan.lr_at(s, 1.0, t, total_steps=14) for s in range(15)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5) and lrs[14] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     constant = config(train={"warmup_steps": 2}).train
-    assert [training.lr_at(s, 0.4, constant, 10) for s in range(4)] == pytest.approx([0.2, 0.4, 0.4, 0.4])
+    assert [plan.lr_at(s, 0.4, constant, 10) for s in range(4)] == pytest.approx([0.2, 0.4, 0.4, 0.4])
 
 
 def test_logged_lr_is_the_scaled_and_scheduled_lr(digits, tmp_path):
@@ -128,7 +128,7 @@ def test_logged_lr_is_the_scaled_and_scheduled_lr(digits, tmp_path):
     _, result = train(cfg, digits, tmp_path)
     assert result.lr == pytest.approx(0.1)
     rows = [r for r in storage.read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]
-    expected = [training.lr_at(s, 0.1, cfg.train, 30) for s in range(30)]
+    expected = [plan.lr_at(s, 0.1, cfg.train, 30) for s in range(30)]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
 
 
@@ -155,7 +155,7 @@ def test_the_formatted_step_row_reads_back_as_json_dumps_writes_it():
     rng = random.Random(0)
     for step in range(1, 300):
         loss = torch.tensor(rng.lognormvariate(0, 3)).item()  # a float32 value, as .item() gives
-        lr = training.lr_at(step, 0.1, config(train={"schedule": "cosine"}).train, 300)
+        lr = plan.lr_at(step, 0.1, config(train={"schedule": "cosine"}).train, 300)
         expected = {"step": step, "samples_seen": 96 * step, "epoch": step / 37, "wall_time_s": round(step * 0.0173, 4),
                     "train/loss": loss, "lr": lr}
         line = training.STEP_ROW % (step, 96 * step, step / 37, step * 0.0173, loss, lr)
