@@ -47,11 +47,13 @@ class TrainJobFailed(ClusterError):
     """The TrainJob failed or never started; the message is its condition's, or what the JobSet and events say."""
 
 
-def run(config: dict, dataset_path: str, model_out: str, api_client=None, poll_s: float = POLL_S,
+def run(config: dict, dataset_path: str, model_out: str, api_client=None, poll_s: Optional[float] = None,
         clock: Callable[[], float] = time.monotonic) -> dict:
     """Train `config` (with its run id and batch sizes decided) as a TrainJob on platform.nodes nodes;
-    write the best model to `model_out` and return the train step's outcome."""
+    write the best model to `model_out` and return the train step's outcome. `api_client`: a
+    kubernetes ApiClient, else the pod's in-cluster one; `poll_s`: else POLL_S."""
     pf = config["platform"]
+    poll_s = POLL_S if poll_s is None else poll_s
     store = run_store.open_run(config)
     job = trainjob.manifest(config)
     namespace = pod_namespace(pf.get("namespace"))

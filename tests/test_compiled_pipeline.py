@@ -1,6 +1,8 @@
 """The compiled pipeline as a cluster gets it (pipelines/graph.py): both YAML documents, the
 pipeline spec and the platform (kfp-kubernetes) spec, for the train and study pipelines."""
 
+import json
+
 import pytest
 import yaml
 from kfp import compiler
@@ -60,6 +62,49 @@ def test_gpu_steps_get_accelerators_heavy_resources_node_selectors_and_toleratio
                           "probe": ("2", "4", "8Gi", "16Gi"), "train": ("2", "4", "8Gi", "64Gi"),
                           "evaluate": ("500m", "1", "1Gi", "2Gi"), "promote": ("500m", "1", "1Gi", "2Gi"),
                           "finalize": ("500m", "1", "1Gi", "2Gi")}
+
+
+def test_several_nodes_put_a_light_train_job_task_in_trains_place_and_change_nothing_else(tmp_path):
+    gpus = ["platform.gpu.count=2", "++platform.node_selector={pool: gpu}"]
+    one, one_platform = compile_docs(tmp_path, *gpus, name="one.yaml")
+    two, two_platform = compile_docs(tmp_path, *gpus, "platform.nodes=2", name="two.yaml")
+    pods, one_pods = containers(two), containers(one)
+    assert set(pods) == set(one_pods) - {"train"} | {"train-job"}
+    assert {k: v for k, v in pods.items() if k != "train-job"} == {k: v for k, v in one_pods.items() if k != "train"}
+    # a light pod: no accelerator, no node selector or tolerations (the TrainJob's pods get them), the
+    # light step's resources but train's timeout (it waits for the training), AWS only (no W&B key)
+    job = pods["train-job"]
+    assert "accelerator" not in job["resources"] and job["image"] == one_pods["train"]["image"]
+    assert "trainjob_launch.run(config, dataset.path, model.path)" in job["command"][-1]
+    assert [job["resources"][k] for k in ("resourceCpuLimit", "resourceMemoryLimit")] == ["1", "2Gi"]
+    assert two_platform["exec-train-job"]["activeDeadlineSeconds"] == "86400"
+    assert "nodeSelector" not in two_platform["exec-train-job"] and "tolerations" not in two_platform["exec-train-job"]
+    assert [s["secretName"] for s in two_platform["exec-train-job"]["secretAsEnv"]] == ["aws-credentials"] * 2
+    assert {k: v for k, v in two_platform.items() if k != "exec-train-job"} == {
+        k: v for k, v in one_platform.items() if k != "exec-train"}
+    tasks, one_tasks = all_tasks(two), all_tasks(one)
+    assert tasks["train-job"]["inputs"] == one_tasks["train"]["inputs"]
+    # evaluate and promote take train_job's outputs as they took train's
+    for step in ("evaluate", "promote"):
+        assert json.dumps(tasks[step]["inputs"]) == json.dumps(one_tasks[step]["inputs"]).replace('"train"',
+                                                                                                  '"train-job"')
+    assert tasks["finalize"]["inputs"]["parameters"]["steps"]["runtimeValue"]["constant"] == [
+        "resolve_data", "data_prep", "probe", "train_job", "evaluate", "promote"]
+
+
+def test_several_nodes_need_a_cluster_one_training_and_s3(tmp_path):
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: 2 nodes train as a Kubeflow Trainer TrainJob: use "
+                                          r"platform=kubeflow \(on one machine, train\.nproc=N processes\)$"):
+        compose_config(["platform.nodes=2"])
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: the study trains each of its runs in one study_run pod"):
+        compose_config([*KUBEFLOW, *STUDY, "platform.nodes=2"])
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: the TrainJob's pods read their inputs and write the "
+                                          r"run through output_dir: use s3://bucket/prefix; got 'runs'$"):
+        compose_config([*KUBEFLOW, "output_dir=runs", "platform.nodes=2"])
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: must be an integer >= 1; got 0$"):
+        compose_config([*KUBEFLOW, "platform.nodes=0"])
+    with pytest.raises(ConfigError, match=r"^platform\.trainjob_start_timeout_s: must be > 0; got 0"):
+        compose_config([*KUBEFLOW, "platform.trainjob_start_timeout_s=0"])
 
 
 def test_the_config_names_the_steps_the_pipelines_have():
