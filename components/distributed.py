@@ -118,6 +118,21 @@ class Runtime:
         return flat[offset:]
 
 
+STEP_EXTRAS = 3  # what agreed_step packs after the gradients: the loss, one more scalar, the out-of-memory flag
+
+
+def flat_buffer_bytes(params: Sequence[torch.nn.Parameter], world_size: int) -> int:
+    """Bytes of the flat buffer each rank's step allocates for its all-reduce (reduce_gradients:
+    every gradient and agreed_step's STEP_EXTRAS in one tensor of the gradients' dtype, while the
+    gradients are held too); 0 with one process, which never reduces. The probe's memory fit
+    counts it (components/probe.py)."""
+    if world_size <= 1:
+        return 0
+    params = list(params)
+    element = params[0].element_size() if params else 4
+    return (sum(p.numel() for p in params) + STEP_EXTRAS) * element
+
+
 def runtime_from_env(environ=os.environ) -> Tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) outside a launcher."""
     return (int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0)))

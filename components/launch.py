@@ -92,10 +92,16 @@ def _cuda_count() -> int:
 def train_across_ranks(cfg: Config, config: dict, dataset_path: str, model_out: str, store_uri: Optional[str],
                        progress: Optional[bool]) -> dict:
     """Run `train.run` on every rank under torchrun; rank 0's outcome (see the module's doc)."""
+    return across_ranks(cfg, {"config": config, "dataset": str(dataset_path), "model_out": str(model_out),
+                              "store": store_uri, "progress": progress})
+
+
+def across_ranks(cfg: Config, job: dict) -> dict:
+    """`job` on every rank under torchrun: train.run, or with "task": "scaling" the probe's burst
+    of cross-rank steps (components/scaling.py); rank 0's outcome."""
     check_launchable(cfg)
     with storage.scratch_dir(f"launch-{cfg.run_id or 'run'}-") as job_dir:
-        storage.write_json(job_dir / JOB_FILE, {"config": config, "dataset": str(dataset_path),
-                                                "model_out": str(model_out), "store": store_uri, "progress": progress})
+        storage.write_json(job_dir / JOB_FILE, job)
         proc = subprocess.Popen(command(cfg, job_dir), env=environment(cfg), start_new_session=True)
         code, signals = _wait(proc, job_dir, cfg.nproc_per_node)
         results = [_read(job_dir / f"rank{r}.json") for r in range(cfg.nproc_per_node)]
@@ -187,7 +193,12 @@ def main(argv=None) -> int:
     job = storage.read_json(job_dir / JOB_FILE)
     code, result = 0, {}
     try:
-        outcome = train.run(job["config"], job["dataset"], job["model_out"], job["store"], job["progress"])
+        if job.get("task") == "scaling":
+            from components import scaling
+
+            outcome = scaling.rank_burst(job)
+        else:
+            outcome = train.run(job["config"], job["dataset"], job["model_out"], job["store"], job["progress"])
         result = {"outcome": outcome} if rank == 0 else {"done": True}
     except Terminated as exc:  # every rank stopped at the same step with a checkpoint
         result = {"terminated": str(exc)}

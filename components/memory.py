@@ -3,8 +3,9 @@
 A trial runs one training micro-step (forward + backward) at micro-batch b and returns its peak
 memory in bytes, or raises an out-of-memory error. A micro-batch *fits* when its trial does not
 run out of memory and its peak stays within the usable budget, (1 - margin) x budget; the margin
-leaves room for what one trial does not show (fragmentation, evaluation, the optimizer's first
-step allocating its state).
+leaves room for what one trial does not show (fragmentation, evaluation). What a training step
+holds beyond one forward + backward is counted in the trial (`held_bytes`): the optimizer's state,
+which its first update allocates, and across ranks the all-reduce's flat gradient buffer.
 
 The search (`find_max_micro_batch`) models memory as fixed + per_sample x b, fitted through the
 last two micro-batches that fitted. Each peak is known only to within `resolution_bytes` (the
@@ -244,9 +245,15 @@ def _fmt(n: float) -> str:
 # ---------------------------------------------------------------- measuring a micro-step
 
 
-def cuda_trial(step: Callable[[int], None], device) -> Callable[[int], int]:
+def cuda_trial(step: Callable[[int], None], device, held_bytes: int = 0) -> Callable[[int], int]:
     """A trial from `step(b)` (one forward + backward at micro-batch b on `device`): the step's peak
-    allocated bytes. On OOM, frees what the step left and re-raises."""
+    allocated bytes. On OOM, frees what the step left and re-raises.
+
+    `held_bytes`: what a training step holds that this step does not allocate: the optimizer's
+    state (created by its first update, which a trial does not run) and, across ranks, the
+    all-reduce's flat buffer (components/distributed.py). One buffer of that size stays allocated
+    while the trial lives (`trial.held`), so every peak includes it."""
+    held = torch.empty(held_bytes, dtype=torch.uint8, device=device) if held_bytes else None
 
     def trial(b: int) -> int:
         torch.cuda.reset_peak_memory_stats(device)
@@ -265,15 +272,17 @@ def cuda_trial(step: Callable[[int], None], device) -> Callable[[int], int]:
         return torch.cuda.max_memory_allocated(device)
 
     trial.resolution_bytes = 2 * MiB  # large blocks are rounded up to 2 MiB
+    trial.held = held
     return trial
 
 
 def cpu_trial(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-              optimizer_state_factor: float = 2.0) -> Callable[[int], int]:
+              optimizer_state_factor: float = 2.0, held_bytes: int = 0) -> Callable[[int], int]:
     """A trial that measures what one micro-step at micro-batch b needs on CPU, in bytes:
 
     parameters + their gradients + optimizer state (`optimizer_state_factor` x the trainable
-    parameters: 2 for Adam's two moments, 1 for SGD momentum, 0 for plain SGD)
+    parameters: 2 for Adam's two moments, 1 for SGD momentum, 0 for plain SGD) + `held_bytes`
+    (across ranks, the all-reduce's flat buffer: components/distributed.py)
     + the input batch + every tensor autograd saves for backward during the forward pass (seen by
     saved_tensors_hooks; counted once per storage, because a saved view keeps its whole storage
     alive; parameters and the batch are already counted). Temporaries that die before backward are
@@ -283,7 +292,8 @@ def cpu_trial(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Ten
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     state = [*params, *model.buffers()]
-    fixed = sum(t.nbytes for t in state) + (1 + optimizer_state_factor) * sum(p.nbytes for p in trainable)
+    fixed = (sum(t.nbytes for t in state) + (1 + optimizer_state_factor) * sum(p.nbytes for p in trainable)
+             + held_bytes)
     counted = {t.untyped_storage().data_ptr() for t in state}
 
     def trial(b: int) -> int:

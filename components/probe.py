@@ -1,7 +1,8 @@
 """Step: probe. Decides the micro-batch, the effective batch and so the accumulation for the
 train step, when the config leaves them "auto", and writes the evidence to probe.json.
 
-1. Memory fit: the largest micro-batch that fits the device with a margin (components/memory.py).
+1. Memory fit: the largest micro-batch that fits the device with a margin (components/memory.py),
+   counting the optimizer's state and, across ranks, the all-reduce's flat gradient buffer.
 2. Throughput: samples per second on a geometric ladder of micro-batches up to the fit, each the
    median of timed blocks with its spread (components/throughput.py), after the threads are set
    (components/cpu.py) and warmed up.
@@ -11,6 +12,9 @@ train step, when the config leaves them "auto", and writes the evidence to probe
    (McCandlish et al. 2018); when the goodputs of smaller batches overlap the best's within the
    measured spread, the smallest of them; micro-batch = the fastest that fits and divides B;
    accumulation = B / (micro x world size); LR rescaled from train.base_batch_size by train.lr_scaling.
+5. Across ranks (world size > 1): a short burst of real cross-rank steps at that choice under
+   torchrun measures the scaling efficiency (components/scaling.py); the options' samples/s and
+   goodput use it (one number, so the choice stands and the predicted pace is the measured one).
 
     python -m components.probe --config config.yaml --dataset dataset/ --out probe.json --run-dir runs/r1
 """
@@ -25,8 +29,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from components import (cpu, datasets, memory, metrics, models, noise_scale, plan, precision, run_store, storage,
-                        throughput)
+from components import (cpu, datasets, distributed, memory, metrics, models, noise_scale, plan, precision, run_store,
+                        scaling, storage, throughput)
 from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
                                parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
@@ -58,6 +62,42 @@ def memory_budget(cfg: Config, device: torch.device) -> tuple:
         total, what = ram, f"RAM ({ram / 2**30:.1f} GiB)"
     return int(total // 4), (f"CPU: a quarter of {what}; a micro-step's need is parameters, "
                              "gradients, optimizer state, inputs and the activations autograd saves")
+
+
+def memory_fit(cfg: Config, model, loss_fn, x, y, device: torch.device, budget: int) -> tuple:
+    """The largest micro-batch whose training step fits `budget` (memory.find_max_micro_batch), and
+    the bytes counted on top of the trial's forward + backward: the optimizer's state (Adam's two
+    moments, SGD's momentum) and, with world size > 1, each rank's all-reduce buffer (every
+    gradient in one flat tensor: distributed.flat_buffer_bytes), so the recommended micro-batch
+    leaves room for them. On CPU the trial counts them; on CUDA one buffer of their size stays
+    allocated through the trials."""
+    n_train = len(x)
+    cap = min(n_train, cfg.probe.max_micro_batch_size)
+    if cfg.train.batch_size != AUTO:
+        cap = min(cap, cfg.train.batch_size // cfg.world_size)
+    state_factor = {"sgd": 1.0 if cfg.train.momentum else 0.0, "adamw": 2.0}[cfg.train.optimizer]
+    trainable = sum(p.nbytes for p in model.parameters() if p.requires_grad)
+    held = {"optimizer_state_bytes": int(state_factor * trainable),
+            "all_reduce_buffer_bytes": distributed.flat_buffer_bytes(model.parameters(), cfg.world_size)}
+    if device.type == "cuda":
+        def step(b: int) -> None:
+            rows = torch.arange(b, device=device) % n_train
+            loss_fn(model(x[rows]), y[rows]).backward()
+            model.zero_grad(set_to_none=True)
+        trial = memory.cuda_trial(step, device, held_bytes=sum(held.values()))
+    else:
+        trial = memory.cpu_trial(model, loss_fn, x, y, optimizer_state_factor=state_factor,
+                                 held_bytes=held["all_reduce_buffer_bytes"])
+    start_at = memory.first_probe_batch(model, loss_fn, x, y, cap) if device.type == "cuda" else 8
+    try:
+        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap, probe=start_at,
+                                          on_trial=_print_trial)
+    except memory.DoesNotFit as exc:
+        raise ConfigError(f"probe: {exc}") from None
+    if cfg.train.micro_batch_size != AUTO and cfg.train.micro_batch_size > fit.micro_batch:
+        raise ConfigError(f"train.micro_batch_size: {cfg.train.micro_batch_size} does not fit the memory budget; "
+                          f"the largest that fits is {fit.micro_batch}")
+    return fit, held
 
 
 def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device: torch.device, *,
@@ -109,9 +149,13 @@ def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device:
     return throughput.measure_ladder(sizes, make_step, timer, remeasure, on_rung=on_rung, on_remeasure=on_remeasure)
 
 
-def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train: int) -> Dict:
-    """The effective batch, micro-batch and accumulation that maximize goodput."""
+def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train: int,
+              scaling: float = 1.0) -> Dict:
+    """The effective batch, micro-batch and accumulation that maximize goodput. Across ranks the
+    samples/s are one process's (the ladder's) x world size x `scaling`, the efficiency the
+    scaling burst measured (components/scaling.py; 1 until it has)."""
     t, world = cfg.train, cfg.world_size
+    pace = world * scaling  # samples/s of all ranks per sample/s of one process
     largest = max(cfg.probe.min_batch_size, n_train // 8)  # keep at least ~8 steps per epoch
     if t.batch_size != AUTO:
         candidates = [t.batch_size]
@@ -130,13 +174,13 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
         else:  # the fastest measured micro-batch that divides the batch (accumulating the rest)
             fitting = {largest_divisor_at_most(per_rank, fit)} | {b for b in rungs if per_rank % b == 0}
             micro = max(fitting, key=lambda b: (throughput_at(ladder, b), b))
-        samples_per_s = throughput_at(ladder, micro) * world
+        samples_per_s = throughput_at(ladder, micro) * pace
         efficiency = 1.0 / (1.0 + batch / b_noise)  # relative samples-to-target: E_min / E(B)
         options.append({"effective_batch_size": batch, "micro_batch_size": micro,
                         "accumulation_steps": per_rank // micro, "samples_per_s": samples_per_s,
                         "statistical_efficiency": efficiency, "goodput": samples_per_s * efficiency,
                         # the spread of the measured throughput's median, carried through
-                        "goodput_spread": throughput_at(ladder, micro, "spread") * world * efficiency})
+                        "goodput_spread": throughput_at(ladder, micro, "spread") * pace * efficiency})
     best = max(options, key=lambda o: o["goodput"])
     # Goodputs that overlap the best's within the measured spread are not told apart by this
     # measurement: take the smallest such batch (fewer samples to the target, less memory).
@@ -162,7 +206,7 @@ def decision(result: Dict) -> Dict:
             "b_simple_spread": result["noise_scale"]["spread"],
             "max_micro_batch_size": result["memory"]["micro_batch_size"], "device": result["device"],
             "throughput_ladder": result["throughput"]["ladder"], "cpu_threads": result.get("cpu_threads"),
-            "reasoning": result["reasoning"]}
+            "scaling": result.get("scaling"), "reasoning": result["reasoning"]}
 
 
 def apply(config: dict, result: Dict) -> dict:
@@ -204,27 +248,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
 
     # 1. memory: the largest micro-batch that fits
     budget, budget_note = memory_budget(cfg, device)
-    cap = min(n_train, cfg.probe.max_micro_batch_size)
-    if cfg.train.batch_size != AUTO:
-        cap = min(cap, cfg.train.batch_size // cfg.world_size)
-    state_factor = {"sgd": 1.0 if cfg.train.momentum else 0.0, "adamw": 2.0}[cfg.train.optimizer]
-    if device.type == "cuda":
-        def step(b: int) -> None:
-            rows = torch.arange(b, device=device) % n_train
-            loss_fn(model(x[rows]), y[rows]).backward()
-            model.zero_grad(set_to_none=True)
-        trial = memory.cuda_trial(step, device)
-    else:
-        trial = memory.cpu_trial(model, loss_fn, x, y, optimizer_state_factor=state_factor)
-    start_at = memory.first_probe_batch(model, loss_fn, x, y, cap) if device.type == "cuda" else 8
-    try:
-        fit = memory.find_max_micro_batch(trial, budget, cfg.probe.memory_margin, cap=cap, probe=start_at,
-                                          on_trial=_print_trial)
-    except memory.DoesNotFit as exc:
-        raise ConfigError(f"probe: {exc}") from None
-    if cfg.train.micro_batch_size != AUTO and cfg.train.micro_batch_size > fit.micro_batch:
-        raise ConfigError(f"train.micro_batch_size: {cfg.train.micro_batch_size} does not fit the memory budget; "
-                          f"the largest that fits is {fit.micro_batch}")
+    fit, held = memory_fit(cfg, model, loss_fn, x, y, device, budget)
 
     # 2. throughput on a ladder of micro-batches
     def optimizer_factory(m):
@@ -255,6 +279,12 @@ def run(config: dict, dataset_path: str, out: str, store=None,
 
     # 4. recommendation
     choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
+    scale = None
+    if cfg.world_size > 1:  # 5. scaling across ranks, measured at the choice (components/scaling.py)
+        scale = scaling.measure(cfg, config, dataset_path, choice["micro_batch_size"], choice["accumulation_steps"],
+                                throughput_at(ladder, choice["micro_batch_size"]))
+        print(f"probe: {scaling.reasoning(scale)}", flush=True)
+        choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train, scale["efficiency"])
     spread_note = choice.pop("spread_note")
     reasoning = [
         fit.reasoning,
@@ -269,16 +299,19 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     ]
     if spread_note:
         reasoning.insert(-1, spread_note)
+    if scale is not None:
+        reasoning.insert(-1, scaling.reasoning(scale))
     result = {
         **identity,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "memory": {"budget_bytes": budget, "budget": budget_note, "margin": fit.margin,
                    "micro_batch_size": fit.micro_batch, "trials": fit.trials, "fixed_bytes": fit.fixed_bytes,
-                   "per_sample_bytes": fit.per_sample_bytes, "reasoning": fit.reasoning},
+                   "per_sample_bytes": fit.per_sample_bytes, **held, "reasoning": fit.reasoning},
         "cpu_threads": threads,
         "throughput": {"ladder": ladder, "knee_micro_batch_size": knee, "time_s": cfg.probe.throughput_time_s,
                        "remeasured": timed["remeasured"], "accepted_non_monotone": timed["accepted"]},
         "noise_scale": noise.to_dict(),
+        "scaling": scale,
         "recommendation": {k: v for k, v in choice.items() if k != "options"},
         "options": choice["options"],
         "reasoning": reasoning,

@@ -248,3 +248,25 @@ def test_a_search_starting_past_a_gradient_dominated_region_is_quick():
     result = find_max_micro_batch(device.trial, budget, cap=1 << 21, probe=start)
     assert 0.95 * best <= result.micro_batch <= best and verified(result)
     assert len(result.trials) <= 4, result.trials
+
+
+def test_what_a_step_holds_beyond_forward_and_backward_is_in_every_trial(monkeypatch):
+    """held_bytes (the optimizer's state on CUDA, the all-reduce buffer across ranks) adds exactly
+    to each CPU trial; a CUDA trial keeps one buffer of that size allocated while it lives."""
+    torch.manual_seed(0)
+    model = models.mlp((64,), 10, hidden_sizes=(128, 64))
+    x, y = digits_like()
+    loss_fn = metrics.loss_fn("classification")
+    plain, holding = memory.cpu_trial(model, loss_fn, x, y), memory.cpu_trial(model, loss_fn, x, y, held_bytes=4321)
+    assert [holding(b) - plain(b) for b in (1, 8, 300)] == [4321] * 3
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 1234)
+    seen = []
+    trial = memory.cuda_trial(lambda b: seen.append(trial.held.nbytes), torch.device("cpu"), held_bytes=5000)
+    held = weakref.ref(trial.held)
+    assert trial(4) == 1234 and trial(8) == 1234 and seen == [5000, 5000]  # the same buffer, held through both
+    del trial
+    assert held() is None  # freed with the trial: the probe's next steps get the memory back
+    assert memory.cuda_trial(lambda b: None, torch.device("cpu")).held is None  # nothing held by default

@@ -294,3 +294,19 @@ def test_probe_re_measures_an_outlier_and_chooses_from_scripted_timings(digits_a
     assert "probe: throughput micro-batch 128: 300 samples/s +- 1\n" in out
     assert "probe: throughput re-measuring (128 slower than 32, 128 slower than 64 beyond the spread; round 1)\n" in out
     assert "probe: noise scale B_simple ~ " in out
+
+
+def test_across_ranks_the_measured_scaling_sets_the_pace_and_leaves_the_choice():
+    rates = {b: 10.0 * b for b in (8, 16, 32, 64, 128, 256)}
+    two = auto(nproc=2, lr=0.1, base_batch_size=32, lr_scaling="linear")
+    assumed = probe.recommend(two, fit=256, ladder=ladder(rates), b_noise=100.0, n_train=8192)
+    measured = probe.recommend(two, fit=256, ladder=ladder(rates), b_noise=100.0, n_train=8192, scaling=0.4)
+    # goodput(512 = 256 x 1 x 2) = 2 x 2560 / (1 + 5.12) = 837 beats 256's 2 x 1280 / 3.56 = 719
+    assert (assumed["world_size"], assumed["effective_batch_size"], assumed["micro_batch_size"]) == (2, 512, 256)
+    assert assumed["samples_per_s"] == pytest.approx(2 * 2560)  # one process's pace x 2, as if linear
+    assert measured["samples_per_s"] == pytest.approx(0.4 * 2 * 2560)
+    for a, m in zip(assumed["options"], measured["options"]):
+        assert m["goodput"] == pytest.approx(0.4 * a["goodput"])
+        assert m["effective_batch_size"] == a["effective_batch_size"]
+    assert {k: measured[k] for k in ("effective_batch_size", "micro_batch_size", "accumulation_steps", "lr")} == {
+        k: assumed[k] for k in ("effective_batch_size", "micro_batch_size", "accumulation_steps", "lr")}
