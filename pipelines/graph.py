@@ -19,8 +19,8 @@ tests/test_compiled_pipeline.py):
 - compile time (COMPILE_TIME): what shapes the pods and the graph. platform.image (and its digest),
   the accelerators (platform.gpu: constants, never a parameter), the placement (platform.resources,
   node_selector, tolerations, retry), the Secrets' names (platform.secrets), and the graph's shape
-  (pipeline, probe.enabled, registry.enabled, study.parallelism, platform.nodes: train or train_job). Changing one is compiling and
-  submitting again (a new pipeline version); resolve_data refuses a config_json that disagrees.
+  (pipeline, probe.enabled, registry.enabled, study.parallelism, platform.nodes: train or train_job).
+  Changing one is compiling and submitting again (a new pipeline version); resolve_data refuses a config_json that disagrees.
 - run time: everything else. The typed parameters, the rest of config_json, the run id and the
   data's revision (resolve_data resolves it on every run: a schedule's runs read the newest). The
   compiled spec is the same for all of them but for the parameters' defaults, so one pipeline

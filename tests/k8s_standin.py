@@ -213,7 +213,8 @@ class K8sStandin:
             return 404, NO_RESOURCE
         if self.refuse == 403:
             verb = {"POST": "create", "GET": "get", "DELETE": "delete"}[method]
-            return 403, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden",
+            return 403, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "reason": "Forbidden",
                          "message": f'trainjobs.trainer.kubeflow.org is forbidden: User "system:serviceaccount:'
                                     f'{namespace}:default-editor" cannot {verb} resource "trainjobs" in API group '
                                     f'"trainer.kubeflow.org" in the namespace "{namespace}"', "code": 403}

@@ -92,21 +92,6 @@ def test_several_nodes_put_a_light_train_job_task_in_trains_place_and_change_not
         "resolve_data", "data_prep", "probe", "train_job", "evaluate", "promote"]
 
 
-def test_several_nodes_need_a_cluster_one_training_and_s3(tmp_path):
-    with pytest.raises(ConfigError, match=r"^platform\.nodes: 2 nodes train as a Kubeflow Trainer TrainJob: use "
-                                          r"platform=kubeflow \(on one machine, train\.nproc=N processes\)$"):
-        compose_config(["platform.nodes=2"])
-    with pytest.raises(ConfigError, match=r"^platform\.nodes: the study trains each of its runs in one study_run pod"):
-        compose_config([*KUBEFLOW, *STUDY, "platform.nodes=2"])
-    with pytest.raises(ConfigError, match=r"^platform\.nodes: the TrainJob's pods read their inputs and write the "
-                                          r"run through output_dir: use s3://bucket/prefix; got 'runs'$"):
-        compose_config([*KUBEFLOW, "output_dir=runs", "platform.nodes=2"])
-    with pytest.raises(ConfigError, match=r"^platform\.nodes: must be an integer >= 1; got 0$"):
-        compose_config([*KUBEFLOW, "platform.nodes=0"])
-    with pytest.raises(ConfigError, match=r"^platform\.trainjob_start_timeout_s: must be > 0; got 0"):
-        compose_config([*KUBEFLOW, "platform.trainjob_start_timeout_s=0"])
-
-
 def test_the_config_names_the_steps_the_pipelines_have():
     from components.config import GPU_STEPS, STEP_NAMES
     from pipelines.steps import make_steps

@@ -1,6 +1,7 @@
 """The Kubeflow Trainer TrainJob for several nodes (components/trainjob.py): it validates against
 Trainer v2.3's TrainJob CRD with unknown fields refused, and is asserted field by field; its pods'
-command reads the config and dataset from storage URIs (no KFP artifacts there), tested on moto."""
+command reads the config and dataset from storage URIs (no KFP artifacts there), tested on moto;
+platform.nodes' config rules."""
 
 import copy
 import hashlib
@@ -32,7 +33,8 @@ def errors(validator, manifest):
 def two_nodes():
     """A cluster config of 2 nodes x 2 GPUs."""
     raw = compose_config(["platform=kubeflow", "platform.nodes=2", "platform.host=https://kfp.example.com",
-                          "output_dir=s3://b/runs", "data=digits", "platform.gpu.count=2", f"platform.image=reg/img@{DIGEST}",
+                          "output_dir=s3://b/runs", "data=digits", "platform.gpu.count=2",
+                          f"platform.image=reg/img@{DIGEST}",
                           "platform.namespace=team-ml", "++platform.node_selector={nvidia.com/gpu.product: H100}",
                           "storage.endpoint_url=http://minio:9000"])
     return with_run_id(raw, JOB_ID)
@@ -142,3 +144,21 @@ def test_the_pods_command_reads_its_config_and_dataset_from_storage_uris(s3_serv
     run = RunStore.open(f"s3://{s3_bucket}/runs/tj", settings_of(raw))
     assert run.get_json("train_result.json")["optimizer_steps"] == 6
     assert {"model.pt", "metrics.jsonl", "checkpoints/last.pt"} <= set(run.list())
+
+
+CLUSTER = ["platform=kubeflow", "platform.host=http://127.0.0.1:9", "output_dir=s3://b/runs", "data=digits"]
+
+
+def test_several_nodes_need_a_cluster_one_training_and_s3():
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: 2 nodes train as a Kubeflow Trainer TrainJob: use "
+                                          r"platform=kubeflow \(on one machine, train\.nproc=N processes\)$"):
+        compose_config(["platform.nodes=2"])
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: the study trains each of its runs in one study_run pod"):
+        compose_config([*CLUSTER, "pipeline=study", "eval.target=0.9", "platform.nodes=2"])
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: the TrainJob's pods read their inputs and write the "
+                                          r"run through output_dir: use s3://bucket/prefix; got 'runs'$"):
+        compose_config([*CLUSTER, "output_dir=runs", "platform.nodes=2"])
+    with pytest.raises(ConfigError, match=r"^platform\.nodes: must be an integer >= 1; got 0$"):
+        compose_config([*CLUSTER, "platform.nodes=0"])
+    with pytest.raises(ConfigError, match=r"^platform\.trainjob_start_timeout_s: must be > 0; got 0"):
+        compose_config([*CLUSTER, "platform.trainjob_start_timeout_s=0"])
