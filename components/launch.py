@@ -114,7 +114,8 @@ def across_ranks(cfg: Config, job: dict) -> dict:
     if failed:  # rank 0's when it has one: the ranks usually fail alike
         raise _ERRORS.get(failed[0]["kind"], UserInputError)(failed[0]["error"])
     if code != 0 or not results[0] or "outcome" not in results[0]:
-        raise RuntimeError(f"train: torchrun exited with status {code}; the ranks' tracebacks are above")
+        what = "the probe's scaling burst" if job.get("task") == "scaling" else "train"
+        raise RuntimeError(f"{what}: torchrun exited with status {code}; the ranks' tracebacks are above")
     return results[0]["outcome"]
 
 
