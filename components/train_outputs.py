@@ -2,6 +2,8 @@
 the same for the train step and for train_job (several nodes, components/trainjob_launch.py), so
 that evaluate and promote cannot tell them apart."""
 
+from components import storage
+
 METRIC_KEYS = ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
                "accumulation_steps", "lr", "steps_to_target")
 
@@ -17,3 +19,15 @@ def model_metadata(outcome: dict) -> dict:
     finite evaluation)."""
     return {"data_version": outcome["data_version"], "config_hash": outcome["config_hash"],
             "status": outcome["status"], "has_weights": outcome["model_file"] is not None}
+
+
+def hand_on(outcome: dict, model, metrics_artifact) -> str:
+    """Fill the step's Model and Metrics artifacts (kfp's Output[Model], Output[Metrics]) from the
+    outcome and return it as the step's string output. model.pt is already at model.path, or, with
+    no finite evaluation, the artifact is an empty file (has_weights false says why)."""
+    for key, value in metrics(outcome).items():
+        metrics_artifact.log_metric(key, value)
+    model.metadata.update(model_metadata(outcome))
+    if outcome["model_file"] is None:
+        open(model.path, "wb").close()
+    return storage.dumps(outcome)

@@ -79,20 +79,14 @@ def train(config_json: str, job_id: str, batch_size: int, micro_batch_size: int,
           model: Output[Model], metrics: Output[Metrics]) -> str:
     import json
 
-    from components import finalize, storage, train, train_outputs
+    from components import finalize, train, train_outputs
     from components.config import with_batch_sizes, with_run_id
     from components.errors import user_errors_as_one_line
 
     config = with_batch_sizes(with_run_id(json.loads(config_json), job_id), batch_size, micro_batch_size)
     with user_errors_as_one_line(), finalize.recorded(config, "train"):
         outcome = train.run(config, dataset.path, model.path)
-
-    for key, value in train_outputs.metrics(outcome).items():
-        metrics.log_metric(key, value)
-    model.metadata.update(train_outputs.model_metadata(outcome))
-    if outcome["model_file"] is None:  # diverged with no finite evaluation: an empty artifact, said so
-        open(model.path, "wb").close()
-    return storage.dumps(outcome)
+    return train_outputs.hand_on(outcome, model, metrics)
 
 
 def train_job(config_json: str, job_id: str, batch_size: int, micro_batch_size: int, dataset: Input[Dataset],
@@ -101,20 +95,14 @@ def train_job(config_json: str, job_id: str, batch_size: int, micro_batch_size: 
     and hands on exactly train's outputs (components/trainjob_launch.py)."""
     import json
 
-    from components import finalize, storage, train_outputs, trainjob_launch
+    from components import finalize, train_outputs, trainjob_launch
     from components.config import with_batch_sizes, with_run_id
     from components.errors import user_errors_as_one_line
 
     config = with_batch_sizes(with_run_id(json.loads(config_json), job_id), batch_size, micro_batch_size)
     with user_errors_as_one_line(), finalize.recorded(config, "train_job"):
         outcome = trainjob_launch.run(config, dataset.path, model.path)
-
-    for key, value in train_outputs.metrics(outcome).items():
-        metrics.log_metric(key, value)
-    model.metadata.update(train_outputs.model_metadata(outcome))
-    if outcome["model_file"] is None:
-        open(model.path, "wb").close()
-    return storage.dumps(outcome)
+    return train_outputs.hand_on(outcome, model, metrics)
 
 
 def evaluate(config_json: str, job_id: str, train_result: str, probe_decision: str, dataset: Input[Dataset],
