@@ -30,6 +30,7 @@ JOBS = {
     "to_one": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}, "sigterm_at_step": 12},  # resumed here
     "to_two": {"train": {"max_steps": STEPS}, "eval": {"every_steps": 10}},  # resumes the fixture's 1-process run
     "bf16": {"train": {"max_steps": STEPS, "precision": "bf16"}, "eval": {"every_steps": 10}},
+    "no_accumulation": {"train": {"max_steps": STEPS, "micro_batch_size": 32}, "eval": {"every_steps": 10}},
 }
 INTERRUPTED = 12  # the step the runs that change world size stop at
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -82,13 +83,14 @@ def interrupted_one_process(digits, run_dir):
     return indices
 
 
-def one_process(digits, run_dir=None, **train):
-    """The reference: one process at micro 16 x accumulation 4 (the same effective batch, 64)."""
+def one_process(digits, run_dir=None, accumulation=4, **train):
+    """The reference: one process at the same effective batch, 64 (micro 16 x accumulation 4 unless
+    `train` sets another micro-batch)."""
     cfg = config(train={**SAME, **train}, eval={"every_steps": 10})
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(cfg.model, digits.input_shape, digits.output_dim)
     result = training.fit(model, digits, cfg, run_dir, progress=False)
-    assert result.accumulation_steps == 4
+    assert result.accumulation_steps == accumulation
     return torch.cat([p.detach().flatten() for p in model.parameters()]), result
 
 
@@ -108,6 +110,16 @@ def test_two_processes_train_to_the_same_weights_and_losses_as_one(ranks, digits
     assert [r["samples_seen"] for r in storage.read_jsonl(metrics) if "train/loss" in r] == [
         64 * s for s in range(1, STEPS + 1)]
     assert r0["noise"] is not None and 1 < r0["noise"] < 10_000 and r0["noise"] == r1["noise"]
+
+
+def test_with_one_micro_batch_per_rank_two_processes_train_as_one_does(ranks, digits):
+    """Accumulation 1 on each rank (64 = 32 x 1 x 2): the all-reduce alone makes the big batch."""
+    r0, r1 = (r["no_accumulation"] for r in ranks["results"])
+    assert r0["result"]["accumulation_steps"] == 1 and r0["result"]["micro_batch_size"] == 32
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    reference, _ = one_process(digits, accumulation=2, micro_batch_size=32)
+    torch.testing.assert_close(r0["params"], reference, rtol=1e-5, atol=1e-6)
+    assert r0["noise"] is not None and r0["noise"] == r1["noise"]  # measured on split shards, agreed
 
 
 def test_only_rank_0_writes_metrics_and_checkpoints(ranks):
