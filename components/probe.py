@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from components import (cpu, datasets, distributed, memory, metrics, models, noise_scale, plan, precision, run_store,
-                        scaling, storage, throughput)
+from components import (cpu, datasets, distributed, loop_pace, memory, metrics, models, noise_scale, plan, precision,
+                        run_store, scaling, storage, throughput)
 from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
                                parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
@@ -206,7 +206,8 @@ def decision(result: Dict) -> Dict:
             "b_simple_spread": result["noise_scale"]["spread"],
             "max_micro_batch_size": result["memory"]["micro_batch_size"], "device": result["device"],
             "throughput_ladder": result["throughput"]["ladder"], "cpu_threads": result.get("cpu_threads"),
-            "scaling": result.get("scaling"), "reasoning": result["reasoning"]}
+            "scaling": result.get("scaling"), "loop": result["throughput"].get("loop"),
+            "reasoning": result["reasoning"]}
 
 
 def apply(config: dict, result: Dict) -> dict:
@@ -285,6 +286,9 @@ def run(config: dict, dataset_path: str, out: str, store=None,
                                 throughput_at(ladder, choice["micro_batch_size"]))
         print(f"probe: {scaling.reasoning(scale)}", flush=True)
         choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train, scale["efficiency"])
+    # 6. the trainer's own cost per step beyond the ladder's (components/loop_pace.py): the predicted pace adds it
+    micro = choice["micro_batch_size"]
+    loop = loop_pace.measure(config, data, micro, micro / throughput_at(ladder, micro))
     spread_note = choice.pop("spread_note")
     reasoning = [
         fit.reasoning,
@@ -301,6 +305,10 @@ def run(config: dict, dataset_path: str, out: str, store=None,
         reasoning.insert(-1, spread_note)
     if scale is not None:
         reasoning.insert(-1, scaling.reasoning(scale))
+    if loop["overhead_s"] is not None:
+        reasoning.insert(-1, f"the trainer's step at micro-batch {micro}: {1e3 * loop['seconds_per_step']:.3f} ms "
+                             f"against the ladder's {1e3 * loop['ladder_seconds_per_step']:.3f} ms: "
+                             f"{1e3 * loop['overhead_s']:.3f} ms a step of loop overhead in the predicted pace")
     result = {
         **identity,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -309,7 +317,8 @@ def run(config: dict, dataset_path: str, out: str, store=None,
                    "per_sample_bytes": fit.per_sample_bytes, **held, "reasoning": fit.reasoning},
         "cpu_threads": threads,
         "throughput": {"ladder": ladder, "knee_micro_batch_size": knee, "time_s": cfg.probe.throughput_time_s,
-                       "remeasured": timed["remeasured"], "accepted_non_monotone": timed["accepted"]},
+                       "remeasured": timed["remeasured"], "accepted_non_monotone": timed["accepted"],
+                       "loop": loop},
         "noise_scale": noise.to_dict(),
         "scaling": scale,
         "recommendation": {k: v for k, v in choice.items() if k != "options"},

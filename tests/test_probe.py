@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from components import data_prep, probe, throughput
+from components import data_prep, loop_pace, probe, throughput
 from components.config import parse_config
 from components.errors import ConfigError
 from conftest import config
@@ -98,6 +98,13 @@ def test_probe_on_digits_writes_its_measurements_and_choice(digits_artifact, cap
     assert choice["lr"] == pytest.approx(0.05 * choice["effective_batch_size"] / 32)
     assert result["reasoning"][0].startswith("largest fitting micro-batch 1259")
     assert result["reasoning"][-1].startswith(f"-> effective {choice['effective_batch_size']} = ")
+    # the trainer's own cost per step beyond the ladder's bare step (components/loop_pace.py), at the choice
+    loop = result["throughput"]["loop"]
+    assert loop["micro_batch_size"] == choice["micro_batch_size"] and loop["steps"] >= loop_pace.MIN_STEPS
+    assert loop["ladder_seconds_per_step"] == pytest.approx(
+        choice["micro_batch_size"] / probe.throughput_at(result["throughput"]["ladder"], choice["micro_batch_size"]))
+    assert loop["overhead_s"] == pytest.approx(max(0.0, loop["seconds_per_step"] - loop["ladder_seconds_per_step"]))
+    assert 0 < loop["seconds_per_step"] < 0.05 and probe.decision(result)["loop"] == loop
 
     # a resumed run keeps the decision its checkpoints were made with
     capsys.readouterr()

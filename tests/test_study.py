@@ -233,6 +233,25 @@ def test_the_predicted_pace_counts_the_loops_noise_measuring_steps():
     assert study_summary.probe_seconds_per_step(ladder, 64, 64, train) == pytest.approx(64 / 1e5)
 
 
+def test_the_predicted_pace_adds_the_trainers_own_cost_per_step_once_per_optimizer_step():
+    from components import study_summary
+
+    ladder = [{"micro_batch_size": 16, "samples_per_s": 5e4}, {"micro_batch_size": 64, "samples_per_s": 1e5}]
+    train = parse_config(study_config()).train
+    overhead = 1e-4  # components/loop_pace.py measured 0.1 ms a step beyond the ladder's
+    assert study_summary.probe_seconds_per_step(ladder, 64, 32, train, overhead) == pytest.approx(64 / 7.5e4 + 1e-4)
+    assert study_summary.probe_seconds_per_step(ladder, 64, 64, train, overhead) == pytest.approx(
+        64 / 1e5 + 1e-4 + (64 / 7.5e4 - 64 / 1e5) / 16)  # a split step is still one optimizer step
+    rows = [row(b, round(40 * (1 + 200 / b))) for b in (16, 32, 64, 128, 256)]
+    flat = {**PROBE, "throughput_ladder": [{"micro_batch_size": 16, "samples_per_s": 1e5},
+                                           {"micro_batch_size": 1024, "samples_per_s": 1e5}],
+            "loop": {"overhead_s": 1e-3}}
+    by_batch = {b["batch_size"]: b for b in study.summarize(study_config(), rows, flat)["batches"]}
+    assert by_batch[64]["probe_seconds_per_step"] == pytest.approx(64 / 1e5 + 1e-3)
+    # 1 ms a step outweighs 0.16 ms of samples at batch 16: fewer, bigger steps are faster now
+    assert study.summarize(study_config(), rows, flat)["best"]["time"]["batch_size"] > 16
+
+
 def test_summary_without_enough_runs_reaching_the_target_keeps_the_rows_and_says_why():
     rows = [row(16, 300), row(64, 90), row(256, None), row(512, None)]
     result = study.summarize(study_config(), rows, None)

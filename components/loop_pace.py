@@ -1,0 +1,65 @@
+"""The trainer's own cost per optimizer step, beside the probe's bare step: what the probe adds to
+the throughput ladder's pace when it predicts how long training takes.
+
+The ladder (components/throughput.py) times a bare training step (gather by index, forward,
+backward, update, one sync) in a tight loop. A training run's step also does the trainer's own
+work (components/training.py: the LR, the out-of-memory guard, the loss read back, the metrics
+row, the checks for evaluations, checkpoints and signals), a roughly fixed cost per optimizer
+step whatever the batch: measured in the study runs as ~0.1 ms a step on digits at every batch
+from 16 to 512 (BENCHMARKS.md, study timing fidelity), a third of a small batch's step. Predicting
+a run's pace from the ladder alone left the study's time predictions 1.4x short at small batches.
+
+So the probe runs the real Trainer for a short burst (about BURST_S seconds, one process, no run
+directory, no evaluation but the last, noise-scale measurement off: its split steps are priced
+separately, components/study_summary.py), takes the median of its step-to-step times after
+WARM_STEPS, and keeps what it costs beyond the ladder's step at the same micro-batch as
+`overhead_s`, which components/study_summary.py `probe_seconds_per_step` adds per optimizer step.
+"""
+
+import copy
+import statistics
+import time
+from typing import Dict, Optional
+
+from components import models, training
+from components.config import parse_config, with_batch_sizes
+from components.datasets import Dataset
+
+BURST_S = 0.3  # timed steps, about (plus one validation pass at the start and one at the end)
+WARM_STEPS = 5  # the first steps allocate and fill the caches
+MIN_STEPS, MAX_STEPS = 30, 1000
+
+
+def measure(config: dict, data: Dataset, micro: int, ladder_step_s: float) -> Dict:
+    """The trainer's seconds per step at `micro` (one micro-batch per step) against the ladder's
+    `ladder_step_s` there: {"micro_batch_size", "steps", "seconds_per_step", "ladder_seconds_per_step",
+    "overhead_s"}; overhead_s is None when too few steps ran (a run that diverged at once)."""
+    steps = int(min(MAX_STEPS, max(MIN_STEPS, BURST_S / max(ladder_step_s, 1e-6))))
+    cfg = parse_config(_burst_config(config, micro, steps))
+    model = models.build_model(cfg.model, data.input_shape, data.output_dim)
+    stamps = []
+    trainer = training.Trainer(model, data, cfg, progress=False, on_step=lambda step: stamps.append(time.perf_counter()))
+    trainer.fit()
+    deltas = [b - a for a, b in zip(stamps[WARM_STEPS:], stamps[WARM_STEPS + 1:])]
+    pace = statistics.median(deltas) if len(deltas) >= 10 else None
+    return {"micro_batch_size": micro, "steps": len(stamps), "seconds_per_step": pace,
+            "ladder_seconds_per_step": ladder_step_s,
+            "overhead_s": None if pace is None else max(0.0, pace - ladder_step_s)}
+
+
+def _burst_config(config: dict, micro: int, steps: int) -> dict:
+    """The run's config for a burst: one process, `steps` steps of one `micro` micro-batch, no
+    early stop, no target, one evaluation (at the end), nothing tracked."""
+    raw = copy.deepcopy(with_batch_sizes(config, micro, micro))
+    raw["train"].update(max_steps=steps, max_epochs=max(raw["train"]["max_epochs"], 10_000), nproc=1,
+                        track_noise_scale=False, checkpoint_every_s=None, checkpoint_every_steps=None)
+    raw["eval"].update(every_steps=steps, patience=10 * steps, target=None, stop_at_target=False)
+    raw["platform"] = {**raw["platform"], "gpu": {**raw["platform"]["gpu"], "count": 0}, "nodes": 1}
+    raw["tracking"] = {**raw["tracking"], "mode": "disabled"}
+    return raw
+
+
+def overhead_of(probe: Optional[Dict]) -> float:
+    """A probe decision's (components/probe.py decision) overhead per step; 0 when not measured."""
+    loop = (probe or {}).get("loop") or {}
+    return loop.get("overhead_s") or 0.0

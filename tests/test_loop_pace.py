@@ -1,0 +1,48 @@
+"""The probe's measurement of the trainer's own cost per step (components/loop_pace.py): real
+Trainer steps, timed step to step, beside the ladder's bare step."""
+
+import time
+
+import pytest
+
+from components import loop_pace, training
+from components.config import Config
+
+
+def default_config() -> dict:
+    raw = Config().to_dict()
+    raw["data"]["name"] = "digits"
+    return raw
+
+
+def test_the_burst_times_the_trainers_loop_and_keeps_what_it_costs_beyond_the_bare_step(digits, monkeypatch):
+    free = loop_pace.measure(default_config(), digits, 32, 0.0)
+    assert free["steps"] == loop_pace.MAX_STEPS or free["steps"] >= loop_pace.MIN_STEPS
+    assert free["overhead_s"] == free["seconds_per_step"] > 0  # a bare step of 0 s: all of it is the loop's
+    assert loop_pace.measure(default_config(), digits, 32, 1.0)["overhead_s"] == 0.0  # never below zero
+    assert loop_pace.measure(default_config(), digits, 32, 1.0)["steps"] == loop_pace.MIN_STEPS
+
+    # a millisecond more of the loop's own work per optimizer step (the LR is computed once a step)
+    lr_at = training.lr_at
+
+    def slow_lr_at(*args):
+        time.sleep(1e-3)
+        return lr_at(*args)
+
+    monkeypatch.setattr(training, "lr_at", slow_lr_at)
+    slow = loop_pace.measure(default_config(), digits, 32, free["seconds_per_step"])
+    assert slow["overhead_s"] == pytest.approx(1e-3, abs=5e-4)
+
+
+def test_a_burst_trains_in_one_process_without_noise_steps_evaluations_or_tracking(digits):
+    raw = default_config()
+    raw["train"].update(nproc=2)
+    raw["eval"].update(target=0.5)
+    burst = loop_pace._burst_config(raw, 64, 40)
+    assert burst["train"]["batch_size"] == burst["train"]["micro_batch_size"] == 64 and burst["train"]["nproc"] == 1
+    assert burst["train"]["max_steps"] == 40 and burst["train"]["track_noise_scale"] is False
+    assert burst["eval"]["every_steps"] == 40 and burst["eval"]["target"] is None
+    assert burst["tracking"]["mode"] == "disabled"
+    assert raw["train"]["nproc"] == 2  # the run's own config is left alone
+    assert loop_pace.overhead_of({"loop": {"overhead_s": 2e-4}}) == 2e-4
+    assert loop_pace.overhead_of(None) == loop_pace.overhead_of({"loop": {"overhead_s": None}}) == 0.0
