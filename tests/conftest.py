@@ -71,7 +71,9 @@ class S3Server:
         import time
         import urllib.request
 
-        exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+        # the venv's own (the pinned moto), before any other on PATH
+        beside = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        exe = beside if os.path.exists(beside) else shutil.which("moto_server")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log)
         deadline = time.monotonic() + 30
