@@ -51,6 +51,7 @@ def _burst_config(config: dict, micro: int, steps: int) -> dict:
     """The run's config for a burst: one process, `steps` steps of one `micro` micro-batch, no
     early stop, no target, one evaluation (at the end), nothing tracked."""
     raw = copy.deepcopy(with_batch_sizes(config, micro, micro))
+    raw["pipeline"] = "train"  # one training run, also when the probe serves a study (which requires a target)
     raw["train"].update(max_steps=steps, max_epochs=max(raw["train"]["max_epochs"], 10_000), nproc=1,
                         track_noise_scale=False, checkpoint_every_s=None, checkpoint_every_steps=None)
     raw["eval"].update(every_steps=steps, patience=10 * steps, target=None, stop_at_target=False)

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from components import loop_pace, training
-from components.config import Config
+from components.config import Config, parse_config
 
 
 def default_config() -> dict:
@@ -38,11 +38,13 @@ def test_a_burst_trains_in_one_process_without_noise_steps_evaluations_or_tracki
     raw = default_config()
     raw["train"].update(nproc=2)
     raw["eval"].update(target=0.5)
+    raw["pipeline"] = "study"  # a study's probe: the burst is still one training run, with no target
     burst = loop_pace._burst_config(raw, 64, 40)
     assert burst["train"]["batch_size"] == burst["train"]["micro_batch_size"] == 64 and burst["train"]["nproc"] == 1
     assert burst["train"]["max_steps"] == 40 and burst["train"]["track_noise_scale"] is False
     assert burst["eval"]["every_steps"] == 40 and burst["eval"]["target"] is None
-    assert burst["tracking"]["mode"] == "disabled"
+    assert burst["tracking"]["mode"] == "disabled" and burst["pipeline"] == "train"
+    parse_config(burst)  # valid as it is
     assert raw["train"]["nproc"] == 2  # the run's own config is left alone
     assert loop_pace.overhead_of({"loop": {"overhead_s": 2e-4}}) == 2e-4
     assert loop_pace.overhead_of(None) == loop_pace.overhead_of({"loop": {"overhead_s": None}}) == 0.0
