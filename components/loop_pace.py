@@ -11,8 +11,8 @@ a run's pace from the ladder alone left the study's time predictions 1.4x short 
 
 So the probe runs the real Trainer for a short burst (about BURST_S seconds, one process, no run
 directory, no evaluation but the last, noise-scale measurement off: its split steps are priced
-separately, components/study_summary.py), takes the median of its step-to-step times after
-WARM_STEPS, and keeps what it costs beyond the ladder's step at the same micro-batch as
+separately, components/study_summary.py), takes the median of 10-step means of its step-to-step
+times after WARM_STEPS, as a run's pace is measured, and keeps what it costs beyond the ladder's step at the same micro-batch as
 `overhead_s`, which components/study_summary.py `probe_seconds_per_step` adds per optimizer step.
 """
 
@@ -27,6 +27,7 @@ from components.datasets import Dataset
 
 BURST_S = 0.3  # timed steps, about (plus one validation pass at the start and one at the end)
 WARM_STEPS = 5  # the first steps allocate and fill the caches
+BLOCK = 10  # steps per mean
 MIN_STEPS, MAX_STEPS = 30, 1000
 
 
@@ -41,7 +42,11 @@ def measure(config: dict, data: Dataset, micro: int, ladder_step_s: float) -> Di
     trainer = training.Trainer(model, data, cfg, progress=False, on_step=lambda step: stamps.append(time.perf_counter()))
     trainer.fit()
     deltas = [b - a for a, b in zip(stamps[WARM_STEPS:], stamps[WARM_STEPS + 1:])]
-    pace = statistics.median(deltas) if len(deltas) >= 10 else None
+    # as a run's pace is measured (components/study.py warm_seconds_per_step): the median of 10-step
+    # means, so the stalls a shared CPU puts into a run's steps are in it too (the ladder's short-block
+    # median leaves them out: it is the machine's pace, this the loop's)
+    means = [statistics.fmean(deltas[i:i + BLOCK]) for i in range(0, len(deltas) - BLOCK + 1, BLOCK)]
+    pace = statistics.median(means) if len(means) >= 2 else None
     return {"micro_batch_size": micro, "steps": len(stamps), "seconds_per_step": pace,
             "ladder_seconds_per_step": ladder_step_s,
             "overhead_s": None if pace is None else max(0.0, pace - ladder_step_s)}
