@@ -14,15 +14,13 @@ A version is named <commit>-<config hash> (components/lineage.py, components/con
 and its description records the sha256 of the package without parameter defaults (every run and
 schedule sends its parameters): a version of that name with another spec (platform.image or gpu
 changed, which the config hash leaves out) gets <name>-<8 hex of the sha256> instead.
+
+The connection itself (credentials, the client, errors as one line) is pipelines/kfp_connection.py.
 """
 
-import contextlib
 import hashlib
-import io
 import json
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -30,13 +28,12 @@ from typing import Callable, Mapping, Optional
 import kfp_server_api
 import urllib3
 import yaml
-from kfp import client as kfp_client
-from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
 from components import lineage
 from components.config import config_hash, parse_config
 from components.errors import ClusterError, ConfigError
 from pipelines import schedules
+from pipelines.kfp_connection import KfpClient, Session, connect, credentials, link, quiet_kfp
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")  # kfp's own wait misses CANCELED
 PROGRESS_EVERY_S = 60.0  # a waiting line at least this often, besides one per state change
@@ -151,21 +148,6 @@ def spec_digest(spec: dict, platform_spec: dict) -> str:
     return hashlib.sha256(json.dumps([bare, platform_spec], sort_keys=True).encode()).hexdigest()
 
 
-def credentials(platform: dict) -> tuple:
-    """(kfp.Client keyword arguments, what they are in words): the first present of a bearer token
-    in $token_env, a cookie in $cookie_env, the service-account token file kfp reads in a pod."""
-    token = os.environ.get(platform["token_env"], "").strip()
-    if token:
-        return {"existing_token": token}, f"the bearer token in ${platform['token_env']}"
-    cookie = os.environ.get(platform["cookie_env"], "").strip()
-    if cookie:
-        return {"cookies": cookie}, f"the cookie in ${platform['cookie_env']}"
-    path = os.environ.get(kfp_client.KF_PIPELINES_SA_TOKEN_ENV) or kfp_client.KF_PIPELINES_SA_TOKEN_PATH
-    if os.path.isfile(path):  # re-read before every request: the kubelet rotates it
-        return {"credentials": ServiceAccountTokenVolumeCredentials(path)}, f"the service-account token in {path}"
-    return {}, f"no credentials (neither ${platform['token_env']} nor ${platform['cookie_env']} is set)"
-
-
 def plan_submission(config: dict, package_path: Path, arguments: Optional[Mapping] = None) -> Plan:
     pf = config["platform"]
     cron = schedules.check_cron(pf["schedule"]) if pf["schedule"] else None
@@ -187,125 +169,7 @@ def plan_submission(config: dict, package_path: Path, arguments: Optional[Mappin
                 cron=cron, schedule_name=schedule_name(config))
 
 
-class Session:
-    """One conversation with a KFP server: any error becomes one ClusterError line that says what
-    was being done and what this submission had changed by then."""
-
-    def __init__(self, platform: dict, auth: str):
-        self.platform, self.auth = platform, auth
-        self.host, self.namespace = platform["host"].rstrip("/"), platform["namespace"]
-        self.doing, self.changed = f"asking {self.host} for /apis/v2beta1/healthz", []
-
-    @contextlib.contextmanager
-    def errors_as_one_line(self):
-        try:
-            yield self
-        except kfp_server_api.ApiException as exc:
-            raise ClusterError(self._refused(exc)) from None
-        except urllib3.exceptions.HTTPError as exc:
-            reason = str(getattr(exc, "reason", None) or exc)
-            reason = reason.split(">: ", 1)[-1]  # "<urllib3...HTTPConnection object at 0x..>: Failed to ..."
-            raise ClusterError(f"platform.host: cannot reach {self.host} while {self.doing}: {reason}"
-                               f"{self.so_far()}") from None
-
-    def so_far(self) -> str:
-        return f"; before that, this submission: {', '.join(self.changed)}" if self.changed else \
-            "; nothing was created"
-
-    def _refused(self, exc: kfp_server_api.ApiException) -> str:
-        status, message = exc.status, _server_message(exc)
-        where = f" while {self.doing}: {message}{self.so_far()}"
-        if status == 0:  # kfp_server_api's way of saying TLS failed
-            return f"platform.host: cannot reach {self.host} while {self.doing}: {exc.reason}{self.so_far()}"
-        if status == 401:
-            return (f"{self.host} refused the credentials ({self.auth}) with 401 Unauthorized{where}; set "
-                    f"${self.platform['token_env']} to a valid token or ${self.platform['cookie_env']} to a "
-                    "session cookie")
-        if status == 403 and self.namespace:
-            return (f"platform.namespace: {self.host} denied access to the namespace {self.namespace!r} (403 Forbidden)"
-                    f"{where}; check that the namespace (a Kubeflow profile) exists and that {self.auth} may use it")
-        if status == 403:
-            return f"{self.host} denied the request (403 Forbidden, credentials: {self.auth}){where}"
-        if status == 400 and not self.namespace and "namespace" in message.lower():
-            return f"platform.namespace: required by {self.host} (multi-user mode){where}"
-        return f"{self.host} rejected the request with {status} {exc.reason}{where}"
-
-
-def _server_message(exc: kfp_server_api.ApiException) -> str:
-    """The server's own words: googleRpcStatus.message, the upload endpoints' error_message, or text."""
-    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        answer = None
-    if isinstance(answer, dict):
-        body = str(answer.get("message") or answer.get("error_message") or answer.get("error") or body)
-    if body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
-        return "(an HTML page, not KFP's API: a login page?)"
-    text = " ".join(body.split()) or "(no message)"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-class _Client(kfp_client.Client):
-    """kfp.Client with three habits changed for a command-line submitter (kfp 2.17.3, client.py):
-    the namespace is platform.namespace alone (~/.config/kfp/context.json, which may hold another
-    cluster's namespace or cookie, is neither read nor written); healthz is asked once with a timeout,
-    not 5 times 5 s apart, and a multi-user server without a namespace is refused there; a failed
-    connection is retried once, and no request is sent twice after it reached the server."""
-
-    def __init__(self, host: str, namespace: Optional[str], timeout_s: float, **auth):
-        self._namespace, self._timeout_s, self._healthz = namespace or "", timeout_s, None
-        with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
-            warnings.simplefilter("ignore", FutureWarning)
-            super().__init__(host=host, namespace=namespace or "kubeflow", **auth)
-        self.get_kfp_healthz()  # the constructor asks only when it knows no namespace
-
-    def _load_context_setting_or_default(self) -> None:
-        self._context_setting = {"namespace": self._namespace}
-
-    def _load_config(self, *args, **kwargs):
-        config = super()._load_config(*args, **kwargs)
-        config.retries = urllib3.Retry(total=None, connect=1, read=0, status=0, other=0)
-        return config
-
-    def get_kfp_healthz(self, sleep_duration: int = 5):
-        if self._healthz is None:
-            timeout = (self._timeout_s, self._timeout_s)  # a tuple: kfp_server_api ignores a float
-            raw = self.healthzs.healthz_service_get_healthz(_request_timeout=timeout, _preload_content=False)
-            try:
-                answer = json.loads(raw.data)
-            except ValueError:
-                answer = None
-            host = self._existing_config.host
-            if not isinstance(answer, dict):
-                kind = raw.headers.get("Content-Type") or "no content type"
-                raise ClusterError(f"platform.host: {host}/apis/v2beta1/healthz answered with {kind}, not KFP's "
-                                   "JSON: the host is not the KFP API, or it wants a login (a token or a session "
-                                   "cookie)")
-            if answer.get("multi_user") is True and not self._namespace:
-                raise ConfigError(f"platform.namespace: required: {host} runs KFP in multi-user mode; set your "
-                                  "profile's namespace, e.g. platform.namespace=kubeflow-user-example-com")
-            self._healthz = kfp_server_api.V2beta1GetHealthzResponse(
-                multi_user=answer.get("multi_user") is True, pipeline_store=answer.get("pipeline_store"))
-        return self._healthz
-
-
-def connect(platform: dict, session: Session) -> _Client:
-    auth, _ = credentials(platform)
-    return _Client(session.host, platform["namespace"], platform["request_timeout_s"], **auth)
-
-
-def _quiet():
-    """kfp.Client prints "<thing> details: <link>" itself; the links submit prints are its own."""
-    return contextlib.redirect_stdout(io.StringIO())
-
-
-def link(platform: dict, page: str) -> str:
-    """A KFP UI page: runs/details/<id>, recurringrun/details/<id>."""
-    return f"{(platform['ui_host'] or platform['host']).rstrip('/')}/#/{page}"
-
-
-def find_experiment(client: _Client, session: Session, name: str):
+def find_experiment(client: KfpClient, session: Session, name: str):
     """The experiment named `name` in the namespace, or None."""
     session.doing = f"looking up the experiment {name!r}"
     try:
@@ -318,7 +182,7 @@ def find_experiment(client: _Client, session: Session, name: str):
                            "them") from None
 
 
-def find_pipeline(client: _Client, session: Session, name: str) -> Optional[str]:
+def find_pipeline(client: KfpClient, session: Session, name: str) -> Optional[str]:
     """The id of the pipeline named `name` in the namespace (private before shared), or None."""
     session.doing = f"looking up the pipeline {name!r}"
     found = [p for p in client.list_pipelines(page_size=100, filter=schedules.name_filter(name),
@@ -330,7 +194,7 @@ def find_pipeline(client: _Client, session: Session, name: str) -> Optional[str]
     return mine[0].pipeline_id if mine else None
 
 
-def find_version(client: _Client, session: Session, pipeline_id: str, plan: Plan) -> tuple:
+def find_version(client: KfpClient, session: Session, pipeline_id: str, plan: Plan) -> tuple:
     """(the existing version holding this spec or None, the name to upload it under otherwise)."""
     name = plan.version_name
     for candidate in (plan.version_name, f"{plan.version_name}-{plan.spec_digest[:8]}"):
@@ -348,10 +212,10 @@ def find_version(client: _Client, session: Session, pipeline_id: str, plan: Plan
                        "specs; delete one of them")
 
 
-def _upload_pipeline(client: _Client, session: Session, plan: Plan) -> str:
+def _upload_pipeline(client: KfpClient, session: Session, plan: Plan) -> str:
     session.doing = f"uploading the pipeline {plan.pipeline_name!r}"
     try:
-        with _quiet():
+        with quiet_kfp():
             pipeline = client.upload_pipeline(str(plan.package), pipeline_name=plan.pipeline_name,
                                               description=plan.pipeline_description, namespace=plan.namespace)
     except kfp_server_api.ApiException as exc:
@@ -363,10 +227,10 @@ def _upload_pipeline(client: _Client, session: Session, plan: Plan) -> str:
     return pipeline.pipeline_id
 
 
-def _upload_version(client: _Client, session: Session, plan: Plan, pipeline_id: str, name: str):
+def _upload_version(client: KfpClient, session: Session, plan: Plan, pipeline_id: str, name: str):
     session.doing = f"uploading the pipeline version {name!r}"
     try:
-        with _quiet():
+        with quiet_kfp():
             version = client.upload_pipeline_version(str(plan.package), name, pipeline_id=pipeline_id,
                                                      description=plan.version_description)
     except kfp_server_api.ApiException as exc:
@@ -401,7 +265,7 @@ def submit(config: dict, package_path: Path, *, arguments: Optional[Mapping] = N
                               "in the KFP UI or name another")
         if experiment is None:
             session.doing = f"creating the experiment {plan.experiment!r}"
-            with _quiet():
+            with quiet_kfp():
                 experiment = client.create_experiment(plan.experiment, namespace=plan.namespace,
                                                       description=EXPERIMENT_DESCRIPTION)
             session.changed.append(f"created the experiment {plan.experiment!r} ({experiment.experiment_id})")
@@ -422,7 +286,7 @@ def submit(config: dict, package_path: Path, *, arguments: Optional[Mapping] = N
                 f"{'; replaced ' + ', '.join(replaced) if replaced else ''}: {url}")
             return Submission(kind="schedule", schedule_id=schedule.recurring_run_id, url=url, **done)
         session.doing = "creating the run"
-        with _quiet():
+        with quiet_kfp():
             run = client.run_pipeline(experiment.experiment_id, plan.run_name, params=plan.parameters,
                                       pipeline_id=pipeline_id, version_id=version.pipeline_version_id)
         url = link(pf, f"runs/details/{run.run_id}")
@@ -473,7 +337,7 @@ def print_plan(plan: Plan, out: Callable[[str], None]) -> None:
         out(f"5. POST /apis/v2beta1/runs {json.dumps(body(run), indent=2)}")
 
 
-def follow(client: _Client, session: Session, run_id: str, url: str, out: Callable[[str], None],
+def follow(client: KfpClient, session: Session, run_id: str, url: str, out: Callable[[str], None],
            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> str:
     """Poll the run until a final state (FINAL_STATES) and return it; a line per state change and
     every PROGRESS_EVERY_S. Past platform.wait_timeout_s: ClusterError (the run goes on)."""
