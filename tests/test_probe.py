@@ -114,6 +114,17 @@ def test_probe_on_digits_writes_its_measurements_and_choice(digits_artifact, cap
     assert applied.accumulation_steps == choice["accumulation_steps"]
 
 
+def test_a_studys_probe_times_its_loop_burst_as_a_training_run(digits_artifact):
+    """A study's config needs a target, and the burst of real trainer steps has none: it runs as
+    one training run (components/loop_pace.py), and the study's predicted pace gets its number."""
+    raw, tmp = digits_artifact
+    study = {**raw, "pipeline": "study", "eval": {**raw["eval"], "target": 0.95}}
+    result = probe.run(study, str(tmp / "data"), str(tmp / "study.json"), str(tmp / "study-run"))
+    loop = result["throughput"]["loop"]
+    assert loop["micro_batch_size"] == result["recommendation"]["micro_batch_size"]
+    assert loop["overhead_s"] is not None and loop_pace.overhead_of(probe.decision(result)) == loop["overhead_s"]
+
+
 def test_probe_refuses_what_cannot_fit(digits_artifact, capsys):
     raw, tmp = digits_artifact
     tiny = {**raw, "probe": {**raw["probe"], "memory_budget_gb": 1e-6}}
