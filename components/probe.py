@@ -303,12 +303,12 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     ]
     if spread_note:
         reasoning.insert(-1, spread_note)
-    if scale is not None:
-        reasoning.insert(-1, scaling.reasoning(scale))
     if loop["overhead_s"] is not None:
         reasoning.insert(-1, f"the trainer's step at micro-batch {micro}: {1e3 * loop['seconds_per_step']:.3f} ms "
                              f"against the ladder's {1e3 * loop['ladder_seconds_per_step']:.3f} ms: "
                              f"{1e3 * loop['overhead_s']:.3f} ms a step of loop overhead in the predicted pace")
+    if scale is not None:
+        reasoning.insert(-1, scaling.reasoning(scale))
     result = {
         **identity,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

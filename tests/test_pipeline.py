@@ -128,7 +128,8 @@ def test_default_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert batch == micro * accumulation * summary["world_size"] and summary["world_size"] == 1
     assert micro <= probe["memory"]["micro_batch_size"]
     assert summary["lr"] == pytest.approx(0.05 * batch / 32) and summary["optimizer"] == "sgd"  # linear scaling
-    assert summary["probe"]["reasoning"] == probe["reasoning"] and len(probe["reasoning"]) == 4
+    assert summary["probe"]["reasoning"] == probe["reasoning"] and len(probe["reasoning"]) == 5
+    assert probe["reasoning"][-2].startswith(f"the trainer's step at micro-batch {micro}: ")  # components/loop_pace.py
     assert probe["noise_scale"]["b_simple"] > 0 and probe["throughput"]["ladder"]
     assert summary["samples_seen"] == batch * summary["optimizer_steps"]
     assert summary["epochs"] == pytest.approx(summary["optimizer_steps"] / (1259 // batch))
