@@ -29,12 +29,19 @@ BURST_S = 0.3  # timed steps, about (plus one validation pass at the start and o
 WARM_STEPS = 5  # the first steps allocate and fill the caches
 BLOCK = 10  # steps per mean
 MIN_STEPS, MAX_STEPS = 30, 1000
+# A step slower than this dwarfs the loop's ~0.1 ms (under 1%): no burst, which would cost MIN_STEPS
+# of those steps and two validation passes for nothing
+MAX_STEP_S = 0.02
 
 
 def measure(config: dict, data: Dataset, micro: int, ladder_step_s: float) -> Dict:
     """The trainer's seconds per step at `micro` (one micro-batch per step) against the ladder's
     `ladder_step_s` there: {"micro_batch_size", "steps", "seconds_per_step", "ladder_seconds_per_step",
-    "overhead_s"}; overhead_s is None when too few steps ran (a run that diverged at once)."""
+    "overhead_s"}; overhead_s is None when too few steps ran (a run that diverged at once), or, with a
+    note, when the ladder's step is slower than MAX_STEP_S and nothing was run."""
+    if ladder_step_s > MAX_STEP_S:
+        return {"micro_batch_size": micro, "steps": 0, "seconds_per_step": None, "ladder_seconds_per_step": ladder_step_s,
+                "overhead_s": None, "note": f"not measured: a {1e3 * ladder_step_s:.0f} ms step dwarfs the loop's own cost"}
     steps = int(min(MAX_STEPS, max(MIN_STEPS, BURST_S / max(ladder_step_s, 1e-6))))
     cfg = parse_config(_burst_config(config, micro, steps))
     model = models.build_model(cfg.model, data.input_shape, data.output_dim)

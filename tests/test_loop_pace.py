@@ -19,8 +19,11 @@ def test_the_burst_times_the_trainers_loop_and_keeps_what_it_costs_beyond_the_ba
     free = loop_pace.measure(default_config(), digits, 32, 0.0)
     assert free["steps"] == loop_pace.MAX_STEPS or free["steps"] >= loop_pace.MIN_STEPS
     assert free["overhead_s"] == free["seconds_per_step"] > 0  # a bare step of 0 s: all of it is the loop's
-    assert loop_pace.measure(default_config(), digits, 32, 1.0)["overhead_s"] == 0.0  # never below zero
-    assert loop_pace.measure(default_config(), digits, 32, 1.0)["steps"] == loop_pace.MIN_STEPS
+    slowest = loop_pace.MAX_STEP_S
+    assert loop_pace.measure(default_config(), digits, 32, slowest)["overhead_s"] == 0.0  # never below zero
+    assert loop_pace.measure(default_config(), digits, 32, slowest)["steps"] == loop_pace.MIN_STEPS
+    skipped = loop_pace.measure(default_config(), digits, 32, 1.0)  # a 1 s step: the loop's cost is noise
+    assert skipped["steps"] == 0 and skipped["overhead_s"] is None and skipped["note"].startswith("not measured")
 
     # a millisecond more of the loop's own work per optimizer step (the LR is computed once a step)
     lr_at = training.lr_at
