@@ -37,7 +37,9 @@ bench: $(STAMP)
 	$(PY) bench/probe_stability.py
 	$(PY) bench/study_vs_sweep.py
 	$(PY) bench/study_timing.py
-	# bench/probe_vs_lightning.py needs lightning in a separate venv (see its docstring)
+	$(PY) bench/ddp_scaling.py
+	# bench/probe_vs_lightning.py needs lightning in a separate venv (see its docstring);
+	# bench/gpu_probe.sh and bench/gpu_train.sh need a GPU machine
 
 # The one image for every pipeline step (Dockerfile), tagged $(IMAGE), with the commit baked in for
 # lineage: GIT_DIRTY is true when a file the image copies (IMAGE_SOURCES, the Dockerfile's COPY
