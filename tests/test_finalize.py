@@ -143,5 +143,15 @@ def test_where_a_run_is_before_its_config_is_checked():
 def test_a_note_never_fails_the_step(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("a file where the run's directory would be")
-    with finalize.recorded({"output_dir": str(blocked), "run_id": "r1", "storage": {}}, "train") as note:
-        note["fine"] = True  # the store refuses every note; the step goes on
+    config = {"output_dir": str(blocked), "run_id": "r1", "storage": {}}
+    ran = []
+    with finalize.recorded(config, "train") as note:  # the store refuses every note
+        note["fine"] = True
+        ran.append("the step's body")
+    assert ran == ["the step's body"]  # the step went on and ended normally
+    assert blocked.read_text() == "a file where the run's directory would be"  # no note landed anywhere
+    # a step's own failure comes out as it was, not as the note's failure to be written
+    with pytest.raises(ValueError, match="^the step's own error$"):
+        with finalize.recorded(config, "train"):
+            raise ValueError("the step's own error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
