@@ -16,7 +16,7 @@ memory budget from it (components/probe.py: memory_budget).
 import math
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -67,31 +67,33 @@ def _positive_int(value: Optional[str]) -> Optional[int]:
 
 def _quotas(root: Path, proc_cgroup: Path) -> Iterator[Optional[float]]:
     """CPU quotas (in CPUs) of this process's cgroups and their ancestors, v2 and v1."""
-    for hierarchy, controllers, path in _memberships(proc_cgroup):
-        if hierarchy == "0" and not controllers:  # cgroup v2: one tree, cpu.max holds "quota period"
-            for directory in _ancestors([root], path):
-                yield _v2_quota(directory / "cpu.max")
-        elif "cpu" in controllers.split(","):
-            mounts = [root / name for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
-            for directory in _ancestors(mounts, path):
-                yield _v1_quota(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us")
-    if not proc_cgroup.exists():  # no /proc: look at the root of either layout
-        yield _v2_quota(root / "cpu.max")
-        yield _v1_quota(root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us")
+    return _per_cgroup(root, proc_cgroup, "cpu", ("cpu", "cpu,cpuacct", "cpuacct,cpu"),
+                       lambda d: _v2_quota(d / "cpu.max"),  # v2: "quota period"
+                       lambda d: _v1_quota(d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us"))
 
 
 def _memory_limits(root: Path, proc_cgroup: Path) -> Iterator[Optional[int]]:
     """Memory limits (bytes) of this process's cgroups and their ancestors, v2 and v1."""
+    return _per_cgroup(root, proc_cgroup, "memory", ("memory",), lambda d: _bytes(d / "memory.max"),
+                       lambda d: _bytes(d / "memory.limit_in_bytes"))
+
+
+def _per_cgroup(root: Path, proc_cgroup: Path, controller: str, v1_mounts: tuple, read_v2: Callable,
+                read_v1: Callable) -> Iterator:
+    """A limit read from each of this process's cgroups and their ancestors: in the v2 tree (one
+    hierarchy, "0::<path>" in /proc/self/cgroup) with read_v2(directory), in the v1 hierarchy of
+    `controller` (mounted under one of v1_mounts) with read_v1(directory); with no /proc, at the
+    root of either layout."""
     for hierarchy, controllers, path in _memberships(proc_cgroup):
         if hierarchy == "0" and not controllers:
             for directory in _ancestors([root], path):
-                yield _bytes(directory / "memory.max")
-        elif "memory" in controllers.split(","):
-            for directory in _ancestors([root / "memory"], path):
-                yield _bytes(directory / "memory.limit_in_bytes")
+                yield read_v2(directory)
+        elif controller in controllers.split(","):
+            for directory in _ancestors([root / name for name in v1_mounts], path):
+                yield read_v1(directory)
     if not proc_cgroup.exists():
-        yield _bytes(root / "memory.max")
-        yield _bytes(root / "memory" / "memory.limit_in_bytes")
+        yield read_v2(root)
+        yield read_v1(root / v1_mounts[0])
 
 
 # v1 writes "no limit" as the largest page-aligned counter (9223372036854771712 on 4 KiB pages)
