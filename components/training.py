@@ -264,17 +264,24 @@ class Trainer:
     def _loop(self, bar) -> None:
         s, plan, t, log = self.state, self.plan, self.cfg.train, self.log
         stopper, optimizer, shard, rank, precision = s.stopper, s.optimizer, self.shard, self.rank, self.precision
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        batch, steps_per_epoch, tracker, on_step = plan.effective_batch_size, plan.steps_per_epoch, self.tracker, self.on_step
+        constant_lr = t.warmup_steps == 0 and t.schedule == "constant"  # set once, not every step
+        lr = lr_at(s.step, plan.lr, t, plan.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         last_flush = last_checkpoint = time.perf_counter()
         last_eval_step = s.step
         while not stopper.should_stop and s.step < plan.max_steps:
             epoch, first_window = divmod(s.step, plan.steps_per_epoch)
             order = epoch_order(t.seed, epoch, plan.n_train).to(self.device)
             for window in range(first_window, plan.steps_per_epoch):
-                start = window * plan.effective_batch_size + rank * shard
+                start = window * batch + rank * shard
                 self.indices = order[start:start + shard]
-                lr = lr_at(s.step, plan.lr, t, plan.max_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                if not constant_lr:
+                    lr = lr_at(s.step, plan.lr, t, plan.max_steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
 
                 losses, s.micro_batch_size = memory.halving_on_oom(self.micro_steps, s.micro_batch_size,
                                                                    self.smaller_micro, self.on_oom)
@@ -283,7 +290,8 @@ class Trainer:
                     stepped = True
                 else:
                     stepped = precision.step(optimizer)  # fp16: False when the scaler skipped it
-                optimizer.zero_grad(set_to_none=True)
+                for p in params:  # optimizer.zero_grad(set_to_none=True) without its profiler hooks (~8 us)
+                    p.grad = None
                 s.step += 1
                 step = s.step
                 if not stepped and log:
@@ -292,30 +300,32 @@ class Trainer:
                 # The mean micro-batch loss, read one by one: on CPU cheaper than stacking them (two more
                 # ops a step cost 2.7% of the loop at 32 x 4); on a GPU the first .item() waits for the
                 # step and the others copy one number each.
-                self.train_loss = train_loss = sum([loss.item() for loss in losses]) / len(losses)
+                self.train_loss = train_loss = (losses[0].item() if len(losses) == 1
+                                                else sum([loss.item() for loss in losses]) / len(losses))
                 self.loss_since_eval.append(train_loss)
                 if s.first_loss is None:
                     s.first_loss = train_loss
                 finite = math.isfinite(train_loss)
+                now = time.perf_counter()
                 # a dict only for W&B following live or a non-finite loss; otherwise the fast row
-                out = self.row({"train/loss": train_loss, "lr": lr}) if self.tracker or not finite else None
+                out = self.row({"train/loss": train_loss, "lr": lr}) if tracker or not finite else None
                 if log and out is None:
-                    log.write_later(STEP_ROW, (step, step * plan.effective_batch_size, step / plan.steps_per_epoch,
-                                               self.elapsed(), train_loss, lr))
+                    log.write_later(STEP_ROW, (step, step * batch, step / steps_per_epoch,
+                                               s.wall_time_s + now - self.t0, train_loss, lr))
                 elif log:
                     log.write(out)
-                if self.tracker:
-                    self.tracker.log_train(out)
+                if tracker:
+                    tracker.log_train(out)
                 bar.update()
-                if self.on_step:
-                    self.on_step(step)
+                if on_step:
+                    on_step(step)
                 if not finite:
                     stopper.non_finite_loss(train_loss, step)
                     break
                 if step % plan.eval_every_steps == 0 or step == plan.max_steps:
                     self.evaluate(bar)
                     last_eval_step = step
-                now = time.perf_counter()
+                    now = time.perf_counter()
                 due = bool((t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
                            or (t.checkpoint_every_s and now - last_checkpoint >= t.checkpoint_every_s))
                 stop = self.terminate_requested

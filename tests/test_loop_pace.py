@@ -25,14 +25,14 @@ def test_the_burst_times_the_trainers_loop_and_keeps_what_it_costs_beyond_the_ba
     skipped = loop_pace.measure(default_config(), digits, 32, 1.0)  # a 1 s step: the loop's cost is noise
     assert skipped["steps"] == 0 and skipped["overhead_s"] is None and skipped["note"].startswith("not measured")
 
-    # a millisecond more of the loop's own work per optimizer step (the LR is computed once a step)
-    lr_at = training.lr_at
+    # a millisecond more of the loop's own work per optimizer step (its out-of-memory guard runs once a step)
+    halving_on_oom = training.memory.halving_on_oom
 
-    def slow_lr_at(*args):
+    def slow_guard(*args):
         time.sleep(1e-3)
-        return lr_at(*args)
+        return halving_on_oom(*args)
 
-    monkeypatch.setattr(training, "lr_at", slow_lr_at)
+    monkeypatch.setattr(training.memory, "halving_on_oom", slow_guard)
     slow = loop_pace.measure(default_config(), digits, 32, free["seconds_per_step"])
     assert slow["overhead_s"] == pytest.approx(1e-3, abs=5e-4)
 

@@ -105,6 +105,41 @@ def test_last_incomplete_window_is_dropped_and_every_step_sees_the_effective_bat
     assert not torch.equal(order, plan.epoch_order(0, 1, 1259))  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_fused_optimizer_trains_to_the_unfused_weights(digits, optimizer):
+    """make_optimizer picks torch's fused kernels for CPU parameters (components/plan.py); 40 steps
+    of fit end where the same steps of the unfused optimizer end, up to rounding."""
+    cfg = config(train={"batch_size": 32, "micro_batch_size": 32, "max_steps": 40, "optimizer": optimizer,
+                        "lr": 0.05 if optimizer == "sgd" else 0.002}, eval={"every_steps": 40})
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, digits.input_shape, 10)
+    assert plan.make_optimizer(model, cfg.train, 0.1).defaults["fused"] is True
+    fused, _ = train(cfg, digits)
+    x, y = (torch.as_tensor(a) for a in digits.split("train"))
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=cfg.train.momentum) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=cfg.train.weight_decay))
+    for step in range(40):  # fit's order of examples: plan.epoch_order, windows of the batch
+        epoch, window = divmod(step, len(x) // 32)
+        idx = plan.epoch_order(cfg.train.seed, epoch, len(x))[window * 32:(window + 1) * 32]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    assert not torch.equal(params(fused), params(models.build_model(cfg.model, (1, 8, 8), 10)))  # it trained
+    torch.testing.assert_close(params(fused), params(model), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_sparse_gradients_steps_the_unfused_optimizer():
+    """The fused kernels refuse sparse gradients (nn.Embedding(sparse=True)): such a model gets the
+    unfused optimizer, and its step runs."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    opt = plan.make_optimizer(model, config().train, 0.1)
+    assert not opt.defaults["fused"]
+    model(torch.tensor([[1, 2]])).sum().backward()
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
+
+
 def test_lr_scaling_rules():
     assert plan.scaled_lr(0.1, 256, 32, "linear") == pytest.approx(0.8)
     assert plan.scaled_lr(0.1, 256, 64, "sqrt") == pytest.approx(0.2)
