@@ -26,6 +26,22 @@ class ClusterError(UserInputError):
     says what this submission created before it did, pipelines/kubeflow.py)."""
 
 
+BRIEF_CHARS = 300
+
+
+def brief(text: str, limit: int = BRIEF_CHARS) -> str:
+    """The first line of an error's text, cut to about `limit` characters: at the end of its first
+    sentence when that is long enough to say something, else at a word. Some library errors are one
+    line of thousands of characters (torch lists every backend an operator has)."""
+    line = (text.strip().splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    end = line.find(". ", 40, limit)
+    if end != -1:
+        return line[:end + 1]
+    return line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 # Printed by a failing step so that whoever ran it (a shell, kfp's local runner, a pod log)
 # can pick the one-line reason out of the log.
 ERROR_MARKER = "convergence-pipeline error:"

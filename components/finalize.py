@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from components import run_store
 from components.config import with_run_id
-from components.errors import StorageError, UserInputError, exit_on_user_error
+from components.errors import StorageError, UserInputError, brief, exit_on_user_error
 from components.run_record import SUMMARY_FILE
 
 NOTES = ".steps"
@@ -43,8 +43,8 @@ def run_config(config_json: str, run_id: str, job_id: str) -> dict:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, UserInputError):
         return str(exc)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    text = brief(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def notes_store(config: dict) -> "run_store.RunStore":

@@ -88,7 +88,9 @@ def estimate(small_sq: torch.Tensor, big_sq: torch.Tensor, small_batch: int, big
 def flat_grad(loss: torch.Tensor, params: List[nn.Parameter]) -> torch.Tensor:
     # autograd.grad returns the gradients without touching .grad, so the caller's grads survive
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    # a sparse gradient (nn.Embedding(sparse=True)) has no reshape: its dense form has the same norm
+    return torch.cat([(torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g).reshape(-1)
+                      for g, p in zip(grads, params)])
 
 
 def batch_sq_norms(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, small_batch: int,
@@ -150,8 +152,11 @@ def grad_norms(parameters: Iterable[nn.Parameter]) -> List[torch.Tensor]:
     """The L2 norm of each .grad, as tensors (the caller decides when to sync), from one fused
     kernel over all gradients (what clip_grad_norm_ uses): ~3x cheaper than a norm per tensor,
     which matters twice per measured step in the training loop. Gradients carry no autograd
-    history, so no detach."""
+    history, so no detach. A sparse gradient (nn.Embedding(sparse=True)) has no fused norm: the
+    norm of its summed values is its own."""
     grads = [p.grad for p in parameters if p.grad is not None]
+    if any(g.is_sparse for g in grads):
+        return [g.coalesce().values().norm() if g.is_sparse else g.norm() for g in grads]
     return list(torch._foreach_norm(grads)) if grads else []
 
 

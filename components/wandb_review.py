@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import List, Optional, Tuple
 
 from components.config import Config, TrackingConfig
-from components.errors import ConfigError
+from components.errors import ConfigError, brief
 
 # The promote run's W&B summary keys that the report's panels read (one row per decision)
 SEQ, VALUE, TIME_TO_TARGET, CHAMPION_VALUE = ("promotion/seq", "promotion/value", "promotion/time_to_target_s",
@@ -198,8 +198,9 @@ def review(cfg: Config, registry, reports: Optional[WandbReports] = None) -> Tup
 
 
 def one_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    text = str(exc)
     key = os.environ.get("WANDB_API_KEY")
     if key:
         text = text.replace(key, "<WANDB_API_KEY>")  # a message that quotes a request must not leak it
+    text = brief(text)  # after the replacement: a cut must not leave part of the key
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, TextIO
 
-from components.errors import ERROR_MARKER
+from components.errors import ERROR_MARKER, brief
 from components.study import RUNS_DIR  # a study's runs: <run_dir>/runs/<name>/
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -133,7 +133,7 @@ class Step:
             self.traceback, self._tb_indent = True, indent
         elif self._tb_indent is not None and indent == self._tb_indent and text:
             if not text.startswith(("During handling of the above", "The above exception")):
-                self.exception, self._tb_indent = text, None
+                self.exception, self._tb_indent = brief(text), None  # the whole line stays in pipeline.log
         elif (m := _STEP_LINE.match(line)) and self._tb_indent is None:
             said = m.group(2).strip()
             self.message = said if m.group(1) == self.name else f"{m.group(1)}: {said}"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from components import finalize, storage
+from components import errors, finalize, storage
 from components.run_store import RunStore
 
 TRAIN = ["resolve_data", "data_prep", "probe", "train", "evaluate", "promote"]
@@ -62,6 +62,18 @@ def test_a_crash_is_named_by_its_exception_and_a_killed_pod_by_the_note_it_left(
                                                       "started_at": 1e12, "at": 1e12})
     written = summary(config)
     assert (written["step"], written["error"].split(":")[0]) == ("train", "train started and never finished")
+
+
+def test_an_error_of_thousands_of_characters_on_one_line_is_cut_to_its_first_sentence(config):
+    backends = ", ".join(f"Backend{i}" for i in range(400))  # torch's NotImplementedError lists them all
+    step(config, "resolve_data")
+    step(config, "train", NotImplementedError(
+        f"Could not run 'aten::linalg_vector_norm' with arguments from the 'SparseCPU' backend. This could be "
+        f"because the operator doesn't exist for this backend. It is only available for these backends: [{backends}]."))
+    assert summary(config)["error"] == ("NotImplementedError: Could not run 'aten::linalg_vector_norm' with "
+                                        "arguments from the 'SparseCPU' backend.")
+    assert errors.brief("no sentence " * 100) == ("no sentence " * 25).strip() + " ..."
+    assert errors.brief(" short\nsecond line") == "short"
 
 
 def test_a_step_that_never_started_is_named_after_the_last_one_done(config):

@@ -128,16 +128,36 @@ def test_the_fused_optimizer_trains_to_the_unfused_weights(digits, optimizer):
     torch.testing.assert_close(params(fused), params(model), rtol=1e-4, atol=1e-5)
 
 
-def test_a_model_with_sparse_gradients_steps_the_unfused_optimizer():
-    """The fused kernels refuse sparse gradients (nn.Embedding(sparse=True)): such a model gets the
-    unfused optimizer, and its step runs."""
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Flatten(), torch.nn.Linear(8, 2))
-    opt = plan.make_optimizer(model, config().train, 0.1)
-    assert not opt.defaults["fused"]
-    model(torch.tensor([[1, 2]])).sum().backward()
-    before = model[0].weight.detach().clone()
-    opt.step()
-    assert not torch.equal(before, model[0].weight)
+class SparseEmbeddingModel(torch.nn.Module):
+    """digits with an embedding of each image's first pixel: a model whose gradients are partly sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(17, 4, sparse=True)
+        self.head = torch.nn.Linear(4 + 64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        pixel = (x[:, 0].abs() * 16).clamp(0, 16).long()
+        return self.head(torch.cat([self.embedding(pixel), x], dim=1))
+
+
+def test_a_model_with_sparse_gradients_trains_with_the_unfused_optimizer_and_its_noise_scale(digits, tmp_path):
+    """The fused kernels and torch's fused norm refuse sparse gradients (nn.Embedding(sparse=True)):
+    such a model gets the unfused optimizer, trains, and has its noise scale measured, in the
+    training loop and in the probe's measurement."""
+    torch.manual_seed(0)
+    model = SparseEmbeddingModel()
+    assert not plan.make_optimizer(model, config().train, 0.1).defaults["fused"]
+    before = model.embedding.weight.detach().clone()
+    cfg = config(train={"batch_size": 32, "micro_batch_size": 32, "max_steps": 48}, eval={"every_steps": 16})
+    result = training.fit(model, digits, cfg, tmp_path / "run", progress=False)
+    assert result.optimizer_steps == 48 and result.status == "completed"
+    assert not torch.equal(before, model.embedding.weight)  # the sparse rows were stepped
+    assert result.gns_b_simple is not None and math.isfinite(result.gns_b_simple)
+    x, y = (torch.as_tensor(a) for a in digits.split("train"))
+    measured = noise_scale.measure(model, torch.nn.functional.cross_entropy, x, y, 16, 4, 8, torch.Generator().manual_seed(0))
+    assert measured.n_batches == 8 and math.isfinite(measured.grad_sq) and math.isfinite(measured.trace)
 
 
 def test_lr_scaling_rules():
