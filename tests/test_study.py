@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from components import data_prep, lr_search, storage, study
+from components import data_prep, lr_search, storage, study, study_summary
 from components.config import Config, parse_config
 from components.errors import ConfigError, DataError
 from pipelines import outputs, submit
@@ -340,6 +340,38 @@ def test_small_study_on_digits_end_to_end(tmp_path, monkeypatch, capsys):
     assert {"fit/b_crit", "fit/b_crit_err", "fit/s_min", "fit/e_min", "answer"} <= study_keys
     out = capsys.readouterr().out
     assert "study mini" in out and f"report: {study_dir / 'report.html'}" in out and "wandb sync" in out
+
+
+def test_a_default_study_with_the_probe_centres_its_ladder_and_prices_its_batches_by_the_probe(tmp_path):
+    """pipeline=study as a user runs it, probe on (kept small: one doubling each way, one LR and
+    seed per batch): the probe's recommendation centres the ladder, its noise scale is the answer's,
+    and each batch's predicted time is the fitted steps x the probe's pace with the trainer's own
+    cost per step (components/loop_pace.py) in it."""
+    args = ["pipeline=study", f"output_dir={tmp_path / 'runs'}", "run_id=probed", "study.ladder_doublings=1",
+            "study.lr_grid=null", "study.confirm_seeds=0", "eval.target=0.9", "tracking.mode=disabled",
+            "--no-progress"]
+    assert submit.main(args) == 0
+    study_dir = tmp_path / "runs" / "probed"
+    probe_json, result = storage.read_json(study_dir / "probe.json"), storage.read_json(study_dir / "study.json")
+    recommended = probe_json["recommendation"]["effective_batch_size"]
+    assert result["probe"]["recommended_batch"] == recommended
+    assert result["probe"]["b_simple"] == probe_json["noise_scale"]["b_simple"] > 0
+    assert [b["batch_size"] for b in result["batches"]] == [b for b in (recommended // 2, recommended, 2 * recommended)
+                                                            if b <= 1259]  # within digits' train split
+    loop = probe_json["throughput"]["loop"]
+    assert loop["micro_batch_size"] == probe_json["recommendation"]["micro_batch_size"] and loop["overhead_s"] >= 0
+    cfg = parse_config(compose_config(args[:-1]))
+    ladder = probe_json["throughput"]["ladder"]
+    for b in result["batches"]:
+        run = next(r for r in result["runs"] if r["batch_size"] == b["batch_size"] and r["selected"])
+        pace = study_summary.probe_seconds_per_step(ladder, b["batch_size"], run["micro_batch_size"], cfg.train,
+                                                    loop["overhead_s"])
+        assert b["probe_seconds_per_step"] == pytest.approx(pace) and pace > loop["overhead_s"]
+        assert b["predicted_time_s"] > 0 and b["seconds_per_step"] > 0  # and the runs' own pace beside it
+    fastest = min(result["batches"], key=lambda b: b["predicted_time_s"])
+    assert result["best"]["time"]["batch_size"] == fastest["batch_size"]
+    assert result["best"]["time"]["by"] == "fitted steps x the probe's throughput"
+    assert f"B_simple ~ {study_summary._fmt(probe_json['noise_scale']['b_simple'])}" in " ".join(result["answer"])
 
 
 def test_default_config_is_not_a_study():
