@@ -264,7 +264,7 @@ class Trainer:
     def _loop(self, bar) -> None:
         s, plan, t, log = self.state, self.plan, self.cfg.train, self.log
         stopper, optimizer, shard, rank, precision = s.stopper, s.optimizer, self.shard, self.rank, self.precision
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = self.params
         batch, steps_per_epoch, tracker, on_step = plan.effective_batch_size, plan.steps_per_epoch, self.tracker, self.on_step
         constant_lr = t.warmup_steps == 0 and t.schedule == "constant"  # set once, not every step
         lr = lr_at(s.step, plan.lr, t, plan.max_steps)
