@@ -214,7 +214,7 @@ class Trainer:
         # NaN weights can still give a finite accuracy (argmax of NaN logits): the loss tells
         monitored = values[e.monitor] if math.isfinite(values["val/loss"]) else values["val/loss"]
         if not s.stopper.diverged and s.stopper.update(monitored, s.step, e.monitor):
-            s.best_state = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+            s.keep_best()
         if not had_target and s.stopper.target_step is not None:
             now = self.elapsed()
             s.target_at = {"steps": s.step, "samples": s.step * self.plan.effective_batch_size, "time_s": now,
