@@ -64,7 +64,6 @@ def backward_micro_batches(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.
     n = indices.shape[0]
     count = n // micro
     losses, first_norms = [], None
-    params = list(model.parameters()) if measure else None
     for m in range(0, n, micro):
         mb = indices[m:m + micro] if count > 1 else indices
         if precision is None:  # fp32: no context or wrapper calls in the step (they showed in the loop ratio)
@@ -76,7 +75,7 @@ def backward_micro_batches(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.
             precision.backward(loss / count if count > 1 else loss)
         losses.append(loss)  # read with .item(): no detach needed (it cost ~1% of the loop)
         if measure and first_norms is None:
-            first_norms = noise_scale.grad_norms(params)
+            first_norms = noise_scale.grad_norms(model.parameters())
     return losses, first_norms
 
 

@@ -57,7 +57,7 @@ class TrainState:
         """The model's weights as the best so far: copied into the buffers of the previous best in
         one foreach copy (cloning each tensor at every improvement cost ~4x as much on a small model)."""
         weights = self.model.state_dict()
-        if self.best_state is None or self.best_state.keys() != weights.keys():
+        if self.best_state is None:
             self.best_state = {k: v.detach().clone() for k, v in weights.items()}
         else:
             torch._foreach_copy_(list(self.best_state.values()), [v.detach() for v in weights.values()])

@@ -87,8 +87,8 @@ def make_optimizer(model: nn.Module, t: TrainConfig, lr: float) -> torch.optim.O
     the step is dispatch-bound, and there the fused step cost 31 us against 53 us (SGD) and 54 us
     against 153 us (AdamW) on the digits MLP, a quarter of a training step. The same update up to
     rounding (after 300 steps there the weights differed by ~1e-6 with SGD, ~1e-4 with AdamW),
-    deterministic, and GradScaler supports it (fp16). Sparse
-    gradients (an embedding with sparse=True) have no fused kernel: those models step unfused."""
+    deterministic, and GradScaler supports it (fp16). Sparse gradients (an embedding with
+    sparse=True) have no fused kernel: those models step unfused."""
     params = list(model.parameters())
     fused = (bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
              and not any(getattr(m, "sparse", False) is True for m in model.modules()))
