@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 from components import storage, study  # noqa: E402
 from components.config import load_config_file, parse_config  # noqa: E402
 from components.probe import throughput_at  # noqa: E402
-from components.loop_pace import overhead_of  # noqa: E402
-from components.study_summary import probe_seconds_per_step  # noqa: E402
+from components.study_summary import overhead_of, probe_seconds_per_step  # noqa: E402
 
 MIN_STEPS = study.WARM_STEPS + 10
 

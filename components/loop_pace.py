@@ -12,21 +12,20 @@ a run's pace from the ladder alone left the study's time predictions 1.4x short 
 So the probe runs the real Trainer for a short burst (about BURST_S seconds, one process, no run
 directory, no evaluation but the last, noise-scale measurement off: its split steps are priced
 separately, components/study_summary.py), takes the median of 10-step means of its step-to-step
-times after WARM_STEPS, as a run's pace is measured, and keeps what it costs beyond the ladder's step at the same micro-batch as
-`overhead_s`, which components/study_summary.py `probe_seconds_per_step` adds per optimizer step.
+times after the first components/study.py WARM_STEPS, as a run's pace is measured, and keeps what
+it costs beyond the ladder's step at the same micro-batch as `overhead_s`, which
+components/study_summary.py `probe_seconds_per_step` adds per optimizer step.
 """
 
 import copy
-import statistics
 import time
-from typing import Dict, Optional
+from typing import Dict
 
-from components import models, training
+from components import models, study, training
 from components.config import parse_config, with_batch_sizes
 from components.datasets import Dataset
 
 BURST_S = 0.3  # timed steps, about (plus one validation pass at the start and one at the end)
-WARM_STEPS = 5  # the first steps allocate and fill the caches
 BLOCK = 10  # steps per mean
 MIN_STEPS, MAX_STEPS = 30, 1000
 # A step slower than this dwarfs the loop's ~0.1 ms (under 1%): no burst, which would cost MIN_STEPS
@@ -48,12 +47,12 @@ def measure(config: dict, data: Dataset, micro: int, ladder_step_s: float) -> Di
     stamps = []
     trainer = training.Trainer(model, data, cfg, progress=False, on_step=lambda step: stamps.append(time.perf_counter()))
     trainer.fit()
-    deltas = [b - a for a, b in zip(stamps[WARM_STEPS:], stamps[WARM_STEPS + 1:])]
+    warm = study.WARM_STEPS  # the first steps allocate and fill the caches
+    deltas = [b - a for a, b in zip(stamps[warm:], stamps[warm + 1:])]
     # as a run's pace is measured (components/study.py warm_seconds_per_step): the median of 10-step
     # means, so the stalls a shared CPU puts into a run's steps are in it too (the ladder's short-block
-    # median leaves them out: it is the machine's pace, this the loop's)
-    means = [statistics.fmean(deltas[i:i + BLOCK]) for i in range(0, len(deltas) - BLOCK + 1, BLOCK)]
-    pace = statistics.median(means) if len(means) >= 2 else None
+    # median leaves them out: it is the machine's pace, this the loop's); at least two blocks
+    pace = study.block_median(deltas, BLOCK) if len(deltas) >= 2 * BLOCK else None
     return {"micro_batch_size": micro, "steps": len(stamps), "seconds_per_step": pace,
             "ladder_seconds_per_step": ladder_step_s,
             "overhead_s": None if pace is None else max(0.0, pace - ladder_step_s)}
@@ -70,9 +69,3 @@ def _burst_config(config: dict, micro: int, steps: int) -> dict:
     raw["platform"] = {**raw["platform"], "gpu": {**raw["platform"]["gpu"], "count": 0}, "nodes": 1}
     raw["tracking"] = {**raw["tracking"], "mode": "disabled"}
     return raw
-
-
-def overhead_of(probe: Optional[Dict]) -> float:
-    """A probe decision's (components/probe.py decision) overhead per step; 0 when not measured."""
-    loop = (probe or {}).get("loop") or {}
-    return loop.get("overhead_s") or 0.0

@@ -213,9 +213,13 @@ def warm_seconds_per_step(metrics: List[Dict], skip: int = WARM_STEPS, block: in
         if "train/loss" in row and previous is not None and row["step"] > skip:
             deltas.append(row["wall_time_s"] - previous)
         previous = row["wall_time_s"]
-    if not deltas:
-        return None
-    blocks = [deltas[i:i + block] for i in range(0, len(deltas), block)]
+    return block_median(deltas, block) if deltas else None
+
+
+def block_median(values: List[float], block: int = 10) -> float:
+    """The median of the means of `block` consecutive values: of the full blocks, or of the one
+    short block when there is no full one."""
+    blocks = [values[i:i + block] for i in range(0, len(values), block)]
     blocks = [b for b in blocks if len(b) == block] or blocks[:1]
     return statistics.median(statistics.fmean(b) for b in blocks)
 

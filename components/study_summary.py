@@ -8,7 +8,7 @@ import statistics
 import time
 from typing import Dict, List, Optional
 
-from components import critical_batch, loop_pace, lr_search
+from components import critical_batch, lr_search
 from components.config import parse_config
 from components.errors import DataError
 
@@ -52,22 +52,29 @@ def _batch(batch: int, rows: List[Dict], decision: lr_search.Decision) -> Dict:
     }
 
 
+def overhead_of(probe: Optional[Dict]) -> float:
+    """The trainer's own cost per step that the probe measured (components/loop_pace.py), from its
+    decision (components/probe.py decision) or probe.json's "throughput"; 0 when not measured."""
+    loop = (probe or {}).get("loop") or {}
+    return loop.get("overhead_s") or 0.0
+
+
 def probe_seconds_per_step(ladder: List[Dict], batch: int, micro: int, train_cfg, overhead_s: float = 0.0) -> float:
     """Seconds per optimizer step at `batch` = `micro` x accumulation, from the probe's warmed-up
     throughput ladder, for the loop as it runs: the trainer's own cost per step the probe measured
     (`overhead_s`, components/loop_pace.py) on top, and with one micro-batch per step, every
     train.noise_scale_every_steps-th step is split into two halves to measure the noise scale
     (components/training.py), which costs what the ladder says the half micro-batch costs."""
-    from components import training
+    from components.accumulation import NOISE_EVERY_SPLIT, measuring_micro  # torch: not at import (submit reads this module)
     from components.probe import throughput_at
 
     plain = batch / throughput_at(ladder, micro) + overhead_s
     if not train_cfg.track_noise_scale or micro < batch:
         return plain  # with accumulation the measuring step is an ordinary one
-    split = training.measuring_micro(batch, micro)
+    split = measuring_micro(batch, micro)
     if not split or split >= micro:
         return plain
-    every = train_cfg.noise_scale_every_steps or training.NOISE_EVERY_SPLIT
+    every = train_cfg.noise_scale_every_steps or NOISE_EVERY_SPLIT
     return plain + (batch / throughput_at(ladder, split) + overhead_s - plain) / every
 
 
@@ -104,7 +111,7 @@ def summarize(config: dict, rows: List[Dict], probe: Optional[dict] = None) -> D
         b["seconds_per_step"] = statistics.median(paces) if paces else None
         if ladder and done:
             b["probe_seconds_per_step"] = probe_seconds_per_step(ladder, b["batch_size"], done[0]["micro_batch_size"],
-                                                                 cfg.train, loop_pace.overhead_of(probe))
+                                                                 cfg.train, overhead_of(probe))
         pace = b.get("probe_seconds_per_step") or b["seconds_per_step"]
         b["predicted_time_s"] = fitted.steps_at(b["batch_size"]) * pace if fitted is not None and pace else None
     reached = [b for b in batches if b["reached"]]

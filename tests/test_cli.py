@@ -372,3 +372,12 @@ def test_ctrl_c_leaves_an_interrupted_summary_and_one_line(tmp_path, how):
     log = (tmp_path / "ci" / "pipeline.log").read_text()
     assert "KeyboardInterrupt" in log and "Executing task 'evaluate'" not in log  # the task's own, in the log
     assert (tmp_path / "ci" / "checkpoints" / "last.pt").exists() and not (tmp_path / "ci" / LOCK_FILE).exists()
+
+
+def test_the_submit_command_starts_without_loading_torch():
+    """Composing, compiling and submitting need no torch; the steps load it. Importing it at start-up
+    (through components.study's summary) cost `python -m pipelines.submit` ~1 s before anything ran."""
+    code = "import sys, pipelines.submit, components.study; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from components import loop_pace, training
+from components import loop_pace, study_summary, training
 from components.config import Config, parse_config
 
 
@@ -49,5 +49,5 @@ def test_a_burst_trains_in_one_process_without_noise_steps_evaluations_or_tracki
     assert burst["tracking"]["mode"] == "disabled" and burst["pipeline"] == "train"
     parse_config(burst)  # valid as it is
     assert raw["train"]["nproc"] == 2  # the run's own config is left alone
-    assert loop_pace.overhead_of({"loop": {"overhead_s": 2e-4}}) == 2e-4
-    assert loop_pace.overhead_of(None) == loop_pace.overhead_of({"loop": {"overhead_s": None}}) == 0.0
+    assert study_summary.overhead_of({"loop": {"overhead_s": 2e-4}}) == 2e-4
+    assert study_summary.overhead_of(None) == study_summary.overhead_of({"loop": {"overhead_s": None}}) == 0.0

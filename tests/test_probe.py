@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from components import data_prep, loop_pace, probe, throughput
+from components import data_prep, loop_pace, probe, study_summary, throughput
 from components.config import parse_config
 from components.errors import ConfigError
 from conftest import config
@@ -122,7 +122,7 @@ def test_a_studys_probe_times_its_loop_burst_as_a_training_run(digits_artifact):
     result = probe.run(study, str(tmp / "data"), str(tmp / "study.json"), str(tmp / "study-run"))
     loop = result["throughput"]["loop"]
     assert loop["micro_batch_size"] == result["recommendation"]["micro_batch_size"]
-    assert loop["overhead_s"] is not None and loop_pace.overhead_of(probe.decision(result)) == loop["overhead_s"]
+    assert loop["overhead_s"] is not None and study_summary.overhead_of(probe.decision(result)) == loop["overhead_s"]
 
 
 def test_probe_refuses_what_cannot_fit(digits_artifact, capsys):
