@@ -31,15 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from components import training  # noqa: E402
 from components.config import Config, parse_config  # noqa: E402
 from components.datasets import Dataset  # noqa: E402
+from gpu_probe import wide_mlp  # noqa: E402  (bench/, beside this file)
 
 WARMUP = 20  # steps before the window: cuBLAS heuristics, the allocator's pools, the clocks
-
-
-def wide_mlp(features: int, width: int, depth: int) -> nn.Module:
-    layers = [nn.Linear(features, width), nn.GELU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
 def synced(device: torch.device) -> float:
