@@ -26,9 +26,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -36,6 +34,7 @@ from components import errors, storage
 from components.config import Config
 from components.cpu import usable_cpus
 from components.errors import ConfigError, UserInputError
+from components.signals import handling
 from components.training import Terminated
 
 JOB_FILE = "job.json"
@@ -147,7 +146,7 @@ def _wait(proc: subprocess.Popen, job_dir: Path, nproc: int) -> tuple:
             for pid in _rank_pids(job_dir) + [proc.pid]:
                 _kill(pid, signal.SIGKILL)
 
-    with _handling((signal.SIGINT, signal.SIGTERM), on_signal):
+    with handling((signal.SIGINT, signal.SIGTERM), on_signal):
         deadline = None
         while True:
             try:
@@ -169,19 +168,6 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-@contextmanager
-def _handling(signums, handler):
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def main(argv=None) -> int:

@@ -10,22 +10,30 @@ from contextlib import contextmanager
 
 
 @contextmanager
+def handling(signums, handler):
+    """`handler` for these signals inside the block, the previous handlers restored after it; nothing
+    off the main thread (signals reach only the main thread, and only it may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
 def finish_the_step_on_sigterm(trainer):
     """SIGTERM sets a flag the loop reads after each optimizer step: stopping mid-step could save
     updated weights under the previous step's count, and the resumed run would differ. Kubernetes
     waits terminationGracePeriodSeconds (30 s by default) after SIGTERM, far longer than a step."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-
     def request_stop(signum, frame):
         trainer.terminate_requested = True
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
-    try:
+    with handling((signal.SIGTERM,), request_stop):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -31,8 +31,8 @@ from components.errors import ConfigError, StorageError, exit_on_user_error
 from components.run_record import SUMMARY_FILE
 from components.run_store import RunStore, join_uri
 from components.tracking import Tracker
+from components.train_outputs import MODEL_FILE, RESULT_FILE
 
-MODEL_FILE = "model.pt"  # in the run's store: the best weights with their metadata
 PROGRESS = [training.METRICS, training.CHECKPOINT]  # synced in this order: the rows never fall behind a checkpoint
 
 
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
         dataset = fetch_input(args.dataset, inputs / "dataset", settings, directory=True)
         outcome = run(config, dataset, args.model_out, args.run_dir)
     if distributed.runtime_from_env()[0] == 0:  # under a TrainJob's torchrun every rank gets here
-        run_store.open_run(config, args.run_dir).put_json("train_result.json", outcome)
+        run_store.open_run(config, args.run_dir).put_json(RESULT_FILE, outcome)
 
 
 def fetch_input(uri: str, local: Path, settings=None, directory: bool = False) -> str:

@@ -4,6 +4,11 @@ that evaluate and promote cannot tell them apart."""
 
 from components import storage
 
+# In the run's store, written by the train step's rank 0 (components/train.py) and collected by
+# train_job's launcher (components/trainjob_launch.py): here, so that the light launcher pod needs no torch.
+MODEL_FILE = "model.pt"  # the best weights with their metadata
+RESULT_FILE = "train_result.json"  # the train step's outcome
+
 METRIC_KEYS = ("optimizer_steps", "samples_seen", "epochs", "wall_time_s", "effective_batch_size",
                "accumulation_steps", "lr", "steps_to_target")
 

@@ -34,9 +34,8 @@ from typing import Callable, Optional
 from components import run_store, trainjob
 from components.errors import ClusterError, StorageError
 from components.k8s import Cluster, Transient, in_cluster_client, pod_namespace
+from components.train_outputs import MODEL_FILE, RESULT_FILE
 
-RESULT_FILE = "train_result.json"  # components/train.py's main writes it (rank 0) beside model.pt
-MODEL_FILE = "model.pt"
 POLL_S = 10.0
 PROGRESS_EVERY_S = 60.0  # a line at least this often, changed or not
 LOG_TAIL_LINES = 50
