@@ -147,8 +147,9 @@ def run(config: dict, state: str, order: List[str], store=None) -> Optional[dict
     notes, input_notes = _read_notes(outputs, config, order), {}
     for note in notes:  # resolve_data says where data_prep would have noted a failure
         for step, key in (note.get("input_notes") or {}).items():
-            if outputs.exists(key) and outputs.get_json(key).get("at", 0) >= note.get("at", 0):
-                input_notes[step] = outputs.get_json(key)
+            found = outputs.get_json(key) if outputs.exists(key) else None
+            if found is not None and found.get("at", 0) >= note.get("at", 0):
+                input_notes[step] = found
     step, error = diagnose(notes, order, input_notes)
     summary = {"run_id": config["run_id"], "status": "interrupted" if state in CANCELLED else "failed",
                "step": step, "error": error, "kfp_state": state}
