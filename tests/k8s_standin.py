@@ -15,11 +15,12 @@ import sys
 import threading
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from conftest import free_port
+from loopback import LoopbackServer
 
 SCHEMA = Path(__file__).with_name("reference") / "kubeflow-trainer" / "trainjob.v1alpha1.schema.json"
 TOKEN = "standin-token"
@@ -88,21 +89,18 @@ class K8sStandin:
         self.logs = {}  # pod name -> [(timestamp, line)]
         self.refuse = None  # None, 401, 403, or "no-crd" (Trainer not installed)
         self.lock = threading.RLock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.server = LoopbackServer(self._handler())
 
     @property
     def host(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self.server.url
 
     def start(self) -> "K8sStandin":
-        self.thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        self.server.stop()
 
     def api_client(self, token: str = TOKEN):
         from kubernetes import client

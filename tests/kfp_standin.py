@@ -25,16 +25,17 @@ import functools
 import itertools
 import json
 import re
-import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from jsonschema import Draft4Validator
+
+from loopback import LoopbackServer
 
 SWAGGER = Path(__file__).resolve().parent / "reference" / "kfp-v2beta1" / "kfp_api_single_file.swagger.json"
 PREFIX = "/apis/v2beta1"
@@ -549,23 +550,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_PATCH = _serve
 
 
-class Server:
+class Server(LoopbackServer):
     """The stand-in on 127.0.0.1 on a free port, served from a thread; stop() shuts it down."""
 
     def __init__(self, standin: StandIn):
         self.standin = standin
-        handler = type("Handler", (_Handler,), {"standin": standin})
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    def start(self) -> "Server":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._http.shutdown()
-        self._http.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(type("Handler", (_Handler,), {"standin": standin}))
