@@ -111,9 +111,8 @@ def rank_burst(job: dict) -> Dict:
         started = time.perf_counter()
         step(WARMUP_STEPS + 1 + i)
         seconds.append(time.perf_counter() - started)
-    rates = [batch / max(s, 1e-12) for s in seconds]
-    median = throughput.quartiles(rates)[1]
+    timed = throughput.measurement(batch, throughput.Blocks(steps, seconds))  # one step a block
     weights = float(sum(p.detach().double().sum() for p in params))
-    return {"samples_per_s": median, "spread": throughput.median_spread(rates, median), "steps": steps,
+    return {"samples_per_s": timed["samples_per_s"], "spread": timed["spread"], "steps": steps,
             "time_s": sum(seconds), "threads_per_rank": torch.get_num_threads(),
             "ranks_agree": len(set(dist.gather(weights))) == 1}
