@@ -75,8 +75,8 @@ def check_launchable(cfg: Config) -> None:
     if cfg.nodes > 1:
         raise ConfigError(f"platform.nodes: {cfg.nodes} nodes train in a Kubeflow Trainer TrainJob "
                           "(components/trainjob.py), not in one train step")
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cuda_count()):
-        have = _cuda_count()
+    have = _cuda_count() if cfg.train.device in ("cuda", "auto") else 0
+    if cfg.train.device == "cuda" or have:
         if have < cfg.nproc_per_node:
             raise ConfigError(f"train.nproc: {cfg.nproc_per_node} processes need one GPU each; "
                               f"{have} visible here")
@@ -102,7 +102,7 @@ def across_ranks(cfg: Config, job: dict) -> dict:
     with storage.scratch_dir(f"launch-{cfg.run_id or 'run'}-") as job_dir:
         storage.write_json(job_dir / JOB_FILE, job)
         proc = subprocess.Popen(command(cfg, job_dir), env=environment(cfg), start_new_session=True)
-        code, signals = _wait(proc, job_dir, cfg.nproc_per_node)
+        code, signals = _wait(proc, job_dir)
         results = [_read(job_dir / f"rank{r}.json") for r in range(cfg.nproc_per_node)]
     terminated = next((r["terminated"] for r in results if r and "terminated" in r), None)
     if signals and signals[0] == signal.SIGINT:
@@ -135,16 +135,19 @@ def _rank_pids(job_dir: Path) -> List[int]:
     return pids
 
 
-def _wait(proc: subprocess.Popen, job_dir: Path, nproc: int) -> tuple:
+def _wait(proc: subprocess.Popen, job_dir: Path) -> tuple:
     """torchrun's exit status and the signals that arrived meanwhile (each passed on as SIGTERM)."""
     signals: List[int] = []
     signalled = set()
 
+    def kill_all():
+        for pid in _rank_pids(job_dir) + [proc.pid]:
+            _kill(pid, signal.SIGKILL)
+
     def on_signal(signum, frame):
         signals.append(signum)
         if len(signals) > 1:  # a second one: stop now
-            for pid in _rank_pids(job_dir) + [proc.pid]:
-                _kill(pid, signal.SIGKILL)
+            kill_all()
 
     with handling((signal.SIGINT, signal.SIGTERM), on_signal):
         deadline = None
@@ -159,8 +162,7 @@ def _wait(proc: subprocess.Popen, job_dir: Path, nproc: int) -> tuple:
                     _kill(pid, signal.SIGTERM)
                     signalled.add(pid)
                 if time.monotonic() > deadline:
-                    for pid in _rank_pids(job_dir) + [proc.pid]:
-                        _kill(pid, signal.SIGKILL)
+                    kill_all()
 
 
 def _kill(pid: int, sig: int) -> None:
