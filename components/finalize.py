@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
-from components import run_store
+from components import run_parameters, run_store
 from components.config import with_run_id
 from components.errors import StorageError, UserInputError, brief, exit_on_user_error
 from components.run_record import SUMMARY_FILE
@@ -37,7 +37,7 @@ def run_config(config_json: str, run_id: str, job_id: str) -> dict:
         raw = json.loads(config_json)
     except ValueError:
         return {}
-    return with_run_id({**raw, "run_id": run_id or None}, job_id) if isinstance(raw, dict) else {}
+    return with_run_id({**raw, "run_id": run_parameters.text(run_id or "")}, job_id) if isinstance(raw, dict) else {}
 
 
 def _one_line(exc: BaseException) -> str:

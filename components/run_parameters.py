@@ -55,6 +55,11 @@ def values_of(config: dict) -> dict:
     return values
 
 
+def text(value) -> Optional[str]:
+    """A string parameter as the config takes it: stripped, "" as null."""
+    return str(value).strip() or None
+
+
 def _batch(name: str, value: str):
     text = str(value).strip()
     if text == AUTO:
@@ -104,7 +109,7 @@ def merge(config_json: str, values: dict, compiled: Optional[dict] = None) -> di
         elif name == "target":
             value = _target(value)
         else:
-            value = str(value).strip() or None
+            value = text(value)
             if value is not None and name in _USED_BY and data_name not in _USED_BY[name]:
                 raise ConfigError(f"{name}: data.name={data_name} reads no {PARAMETERS[name]} "
                                   f"(used with data.name={' or '.join(_USED_BY[name])}); leave it empty")

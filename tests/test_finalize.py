@@ -149,6 +149,7 @@ def test_where_a_run_is_before_its_config_is_checked():
     config_json = json.dumps({"output_dir": "s3://b/runs", "run_id": "from-config"})
     assert finalize.run_config(config_json, "", "job-7")["run_id"] == "job-7"  # "" : KFP's id, as the merge says
     assert finalize.run_config(config_json, "mine", "job-7")["run_id"] == "mine"
+    assert finalize.run_config(config_json, " mine ", "job-7")["run_id"] == "mine"  # as resolve_data's merge reads it
     assert finalize.run_config("{not json", "", "job-7") == {}
 
 
