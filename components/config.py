@@ -329,7 +329,7 @@ class Config:
     @property
     def nodes(self) -> int:
         """Machines training together: platform.nodes on a cluster (a Kubeflow Trainer TrainJob), else 1."""
-        return getattr(self.platform, "nodes", 1) if self.platform.name == "kubeflow" else 1
+        return self.platform.nodes if self.platform.name == "kubeflow" else 1
 
     @property
     def world_size(self) -> int:
