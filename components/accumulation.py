@@ -14,7 +14,7 @@ micro-steps run before the step's one all-reduce (components/distributed_step.py
 """
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ NOISE_EVERY, NOISE_EVERY_SPLIT = 4, 16  # default noise-measuring interval (trai
 
 def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
                          micro: int, noise: Optional[noise_scale.NoiseScaleTracker] = None,
-                         precision: Optional[Precision] = None) -> List[torch.Tensor]:
+                         precision: Optional[Precision] = None,
+                         params: Optional[Sequence[nn.Parameter]] = None) -> List[torch.Tensor]:
     """Forward/backward over `indices` in micro-batches of `micro`, summing into .grad.
 
     Micro-batches are equal-sized (`micro` divides len(indices)), so dividing each mean loss by
@@ -36,12 +37,17 @@ def accumulate_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Te
     one forward/backward over the whole batch. With `noise`, the gradient norm after the first
     micro-batch (count^2 x |.grad|^2 is that micro-batch's own |g|^2) and after the last (the
     whole batch's) feed the noise-scale estimate: two norms per step, no copies. `precision`:
-    autocast and (fp16) loss scaling (components/precision.py); None: fp32.
+    autocast and (fp16) loss scaling (components/precision.py); None: fp32. `params`: the model's
+    parameters as a list, for the norms (the trainer's: walking model.parameters() twice a
+    measured step showed in the loop); None: model.parameters().
     """
-    losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, micro, noise is not None, precision)
+    if noise is not None and params is None:
+        params = list(model.parameters())
+    losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, micro, noise is not None, precision,
+                                                 params)
     if noise is not None:
         count = indices.shape[0] // micro
-        first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(model.parameters()))
+        first_sq, big_sq = noise_scale.squared_totals(first_norms, noise_scale.grad_norms(params))
         feed_noise(noise, precision, first_sq * count ** 2, big_sq, micro, indices.shape[0])
     return losses
 
@@ -57,10 +63,12 @@ def feed_noise(noise: noise_scale.NoiseScaleTracker, precision: Optional[Precisi
 
 
 def backward_micro_batches(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
-                           micro: int, measure: bool = False, precision: Optional[Precision] = None):
+                           micro: int, measure: bool = False, precision: Optional[Precision] = None,
+                           params: Optional[Sequence[nn.Parameter]] = None):
     """accumulate_gradients' micro-steps: (the micro-batch losses, and with `measure` the
-    per-tensor gradient norms after the first micro-batch). Forward and loss under the
-    precision's autocast; backward of the (fp16: scaled) loss outside it, as torch advises."""
+    per-tensor gradient norms of `params` (None: model.parameters()) after the first micro-batch).
+    Forward and loss under the precision's autocast; backward of the (fp16: scaled) loss outside
+    it, as torch advises."""
     n = indices.shape[0]
     count = n // micro
     losses, first_norms = [], None
@@ -75,7 +83,7 @@ def backward_micro_batches(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.
             precision.backward(loss / count if count > 1 else loss)
         losses.append(loss)  # read with .item(): no detach needed (it cost ~1% of the loop)
         if measure and first_norms is None:
-            first_norms = noise_scale.grad_norms(model.parameters())
+            first_norms = noise_scale.grad_norms(model.parameters() if params is None else params)
     return losses, first_norms
 
 

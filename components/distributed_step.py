@@ -27,6 +27,7 @@ from components.accumulation import backward_micro_batches, feed_noise
 from components.distributed import Runtime
 from components.precision import Precision
 
+
 def micro_steps_across_ranks(dist: Runtime, params: Sequence[nn.Parameter], model: nn.Module, loss_fn,
                              x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, m: int,
                              precision: Optional[Precision] = None,
@@ -43,7 +44,7 @@ def micro_steps_across_ranks(dist: Runtime, params: Sequence[nn.Parameter], mode
     count = indices.shape[0] // m
 
     def local():
-        losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, m, measure, precision)
+        losses, first_norms = backward_micro_batches(model, loss_fn, x, y, indices, m, measure, precision, params)
         micro_sq = torch.stack(first_norms).square().sum() * count ** 2 if measure else torch.zeros(())
         return torch.stack(losses).detach().mean(), micro_sq
 

@@ -17,6 +17,15 @@ def loss_fn(task: str):
     return F.cross_entropy if task == "classification" else _mse
 
 
+def mean_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy's value. On CPU, log_softmax over fewer than 16 classes runs a slow path
+    (~0.1 us a row at 10 classes: 30 us of a 190 us validation of digits); over the transposed
+    copy, one class per row, it is vectorized (10 us). From 16 classes on the direct one is faster."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] < 16:
+        return F.nll_loss(logits.t().contiguous().log_softmax(0).t(), y)
+    return F.cross_entropy(logits, y)
+
+
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.reshape(target.shape), target)
 
@@ -40,7 +49,7 @@ def classification(logits: torch.Tensor, y: torch.Tensor, n_classes: int, full: 
     # F1 = 2PR / (P + R) = 2 tp / (support + predicted); 0 for a class never seen nor predicted
     f1 = [2 * t / (s + p) if s + p else 0.0 for t, s, p in zip(tp, support, predicted)]
     out = {
-        "loss": F.cross_entropy(logits, y).item(),
+        "loss": mean_cross_entropy(logits, y).item(),
         "accuracy": sum(tp) / len(y),
         "macro_f1": sum(f1) / n_classes,
     }

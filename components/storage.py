@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from components.errors import ConfigError
 
@@ -42,18 +42,28 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp file beside `path` for the block to write by name; it replaces `path` only if the
+    block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600: outputs get the permissions open() gives
-        with os.fdopen(fd, mode) as f:
-            yield f
+        os.close(fd)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
+    """The file object of atomic_path's temp file."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 @contextmanager
@@ -119,8 +129,8 @@ def read_json(path: Path) -> Any:
 def save_torch(obj: Any, path: Path) -> None:
     import torch
 
-    with atomic_file(path, "wb") as f:
-        torch.save(obj, f)
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))  # by name, torch writes with its own C++ writer: faster than through a file object
 
 
 def load_torch(path: Path) -> Any:
@@ -134,10 +144,9 @@ class JsonlWriter:
     the rows written after its last checkpoint, so no row is ever duplicated.
 
     Rows reach the file in order on `flush()`, `offset()` and `close()` (or every PENDING_ROWS
-    rows). `write_later` keeps a row's values and formats it then: formatting inside a training
-    step cost several times what it costs in a batch afterwards (measured on the digits MLP: ~9 us
-    a row in the loop against ~1 us in a batch; the step's tensor work leaves the formatting code
-    cold in the CPU's caches)."""
+    rows), and are formatted then: formatting inside a training step cost several times what it
+    costs in a batch afterwards (measured on the digits MLP: ~9 us a row in the loop against ~1 us
+    in a batch; the step's tensor work leaves the formatting code cold in the CPU's caches)."""
 
     PENDING_ROWS = 4096
 
@@ -148,22 +157,21 @@ class JsonlWriter:
         self._pending = []  # (template, values) in write order
 
     def write(self, row: dict) -> None:
-        self.write_line(dumps(row) + "\n")
+        """`row` as a line of strict JSON. A shallow copy waits to be formatted: change the row
+        afterwards and its line does not change (its values are numbers and strings)."""
+        self.write_later(None, dict(row))
 
-    def write_line(self, line: str) -> None:
-        """A row the caller already formatted as one line of JSON (ending in a newline)."""
-        self.write_later("%s", (line,))
-
-    def write_later(self, template: str, values: tuple) -> None:
-        """The row `template % values` (one line of JSON ending in a newline), formatted when
-        the rows are next written out."""
+    def write_later(self, template: Optional[str], values) -> None:
+        """The row `template % values` (`template` a line of JSON ending in a newline; None:
+        `values` is a dict for `write`), formatted when the rows are next written out."""
         self._pending.append((template, values))
         if len(self._pending) >= self.PENDING_ROWS:
             self._write_pending()
 
     def _write_pending(self) -> None:
         if self._pending:
-            self._f.write("".join([template % values for template, values in self._pending]))
+            self._f.write("".join([dumps(values) + "\n" if template is None else template % values
+                                   for template, values in self._pending]))
             self._pending.clear()
 
     def flush(self) -> None:

@@ -123,7 +123,11 @@ class Trainer:
         checkpoint.agree(self.dist, ckpt)
         self.log = storage.JsonlWriter(Path(run_dir) / METRICS) if run_dir and self.rank == 0 else None
         if ckpt is None:
-            torch.manual_seed(self.cfg.train.seed + self.rank)  # dropout draws, their own per rank
+            seed = self.cfg.train.seed + self.rank  # dropout draws, their own per rank
+            if self.device.type == "cpu":  # torch.manual_seed also queues CUDA's seed with a stack trace (~100 us)
+                torch.default_generator.manual_seed(seed)
+            else:
+                torch.manual_seed(seed)
             return
         self.state.load_state_dict(ckpt, self.rank)
         self.resumed_from = self.state.step
@@ -172,7 +176,7 @@ class Trainer:
                                             self.plan.effective_batch_size)
         if measure_at is not None:
             return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices,
-                                        measure_at, s.noise, self.precision)
+                                        measure_at, s.noise, self.precision, self.params)
         return accumulate_gradients(s.model, self.loss_fn, self.x_train, self.y_train, self.indices, m,
                                     precision=self.precision)
 
@@ -266,20 +270,22 @@ class Trainer:
         stopper, optimizer, shard, rank, precision = s.stopper, s.optimizer, self.shard, self.rank, self.precision
         params = self.params
         batch, steps_per_epoch, tracker, on_step = plan.effective_batch_size, plan.steps_per_epoch, self.tracker, self.on_step
+        max_steps, eval_every, show_bar = plan.max_steps, plan.eval_every_steps, not bar.disable
+        every_steps, every_s = t.checkpoint_every_steps, t.checkpoint_every_s
         constant_lr = t.warmup_steps == 0 and t.schedule == "constant"  # set once, not every step
-        lr = lr_at(s.step, plan.lr, t, plan.max_steps)
+        lr = lr_at(s.step, plan.lr, t, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         last_flush = last_checkpoint = time.perf_counter()
         last_eval_step = s.step
-        while not stopper.should_stop and s.step < plan.max_steps:
-            epoch, first_window = divmod(s.step, plan.steps_per_epoch)
+        while not stopper.should_stop and s.step < max_steps:
+            epoch, first_window = divmod(s.step, steps_per_epoch)
             order = epoch_order(t.seed, epoch, plan.n_train).to(self.device)
-            for window in range(first_window, plan.steps_per_epoch):
+            for window in range(first_window, steps_per_epoch):
                 start = window * batch + rank * shard
                 self.indices = order[start:start + shard]
                 if not constant_lr:
-                    lr = lr_at(s.step, plan.lr, t, plan.max_steps)
+                    lr = lr_at(s.step, plan.lr, t, max_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
 
@@ -316,18 +322,18 @@ class Trainer:
                     log.write(out)
                 if tracker:
                     tracker.log_train(out)
-                bar.update()
+                if show_bar:
+                    bar.update()
                 if on_step:
                     on_step(step)
                 if not finite:
                     stopper.non_finite_loss(train_loss, step)
                     break
-                if step % plan.eval_every_steps == 0 or step == plan.max_steps:
+                if step % eval_every == 0 or step == max_steps:
                     self.evaluate(bar)
                     last_eval_step = step
                     now = time.perf_counter()
-                due = bool((t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
-                           or (t.checkpoint_every_s and now - last_checkpoint >= t.checkpoint_every_s))
+                due = bool((every_steps and step % every_steps == 0) or (every_s and now - last_checkpoint >= every_s))
                 stop = self.terminate_requested
                 if self.dist.distributed:  # each rank's clock and signals: agreed, or the ranks part ways
                     # (a SIGTERM landing during this collective stays set, for the next step's agreement)
@@ -335,7 +341,7 @@ class Trainer:
                 if due:
                     self.save_checkpoint()
                     last_checkpoint = now
-                if stopper.should_stop or step >= plan.max_steps:
+                if stopper.should_stop or step >= max_steps:
                     break
                 if stop:
                     self.save_checkpoint()
@@ -380,6 +386,7 @@ class Trainer:
             resumed_from_step=self.resumed_from, data_version=self.identity["data_version"],
             config_hash=self.identity["config_hash"], counts=self.data.manifest["counts"], oom_events=s.oom_events,
             gns_b_simple=s.noise.value if s.noise is not None else None)
+
 
 def fit(model: nn.Module, data: Dataset, cfg: Config, run_dir: Optional[Path] = None,
         tracker: Optional[tracking.Tracker] = None, progress: Optional[bool] = None,

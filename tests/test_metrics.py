@@ -20,6 +20,15 @@ def test_classification_metrics_match_sklearn():
     assert out["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=range(4)).tolist()
 
 
+@pytest.mark.parametrize("n_classes", [2, 10, 15, 16, 100])
+def test_the_validation_loss_is_cross_entropy_on_either_side_of_the_16_class_switch(n_classes):
+    logits = torch.randn(300, n_classes, generator=torch.Generator().manual_seed(n_classes)) * 4
+    y = torch.randint(n_classes, (300,), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(metrics.mean_cross_entropy(logits, y), torch.nn.functional.cross_entropy(logits, y))
+    assert metrics.mean_cross_entropy(logits, y).item() == pytest.approx(
+        skm.log_loss(y, torch.softmax(logits.double(), 1).numpy(), labels=range(n_classes)), rel=1e-5)
+
+
 def test_macro_f1_counts_a_never_predicted_class_as_zero():
     logits = torch.tensor([[2.0, 0, 0], [2.0, 0, 0], [0, 2.0, 0]])
     y = torch.tensor([0, 2, 1])

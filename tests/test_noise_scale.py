@@ -224,3 +224,5 @@ def test_grad_norms_give_the_micro_and_big_batch_norms_an_accumulating_loop_need
     assert k ** 2 * first_sq == pytest.approx(sum(g.pow(2).sum().item() for g in first), rel=1e-5)
     assert big_sq == pytest.approx(sum(g.pow(2).sum().item() for g in big), rel=1e-5)
     assert noise_scale.squared_totals(noise_scale.grad_norms(torch.nn.Linear(2, 2).parameters())) == [0.0]
+    # a parameter whose first gradient came after the first micro-batch: the lists differ in length
+    assert noise_scale.squared_totals([torch.tensor(3.0)], [torch.tensor(1.0), torch.tensor(2.0)]) == [9.0, 5.0]

@@ -33,3 +33,31 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     with pytest.raises(TypeError):
         storage.write_json(tmp_path / "s.json", {"v": object()})
     assert storage.read_json(tmp_path / "s.json") == {"v": 1} and os.listdir(tmp_path) == ["s.json"]
+
+
+def test_a_torch_file_is_written_whole_or_not_at_all_with_ordinary_permissions(tmp_path):
+    import torch
+
+    path = tmp_path / "c.pt"
+    storage.save_torch({"w": torch.ones(3)}, path)
+    with pytest.raises(Exception):
+        storage.save_torch({"w": torch.zeros(3), "f": lambda: 0}, path)  # a lambda cannot be pickled
+    assert torch.equal(storage.load_torch(path)["w"], torch.ones(3)) and os.listdir(tmp_path) == ["c.pt"]
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+def test_metrics_rows_keep_their_order_and_the_values_they_had_when_written(tmp_path):
+    log = storage.JsonlWriter(tmp_path / "m.jsonl")
+    row = {"step": 1, "val/loss": math.nan}
+    log.write(row)
+    row["step"] = 99  # changed after writing: the line written is the row as it was
+    log.write_later('{"step": %d, "train/loss": %.17g}\n', (2, 0.5))
+    offset = log.offset()
+    log.write({"step": 3})
+    log.truncate(offset)  # a resumed run drops the rows after its checkpoint
+    log.write({"step": 4})
+    log.close()
+    assert storage.read_jsonl(tmp_path / "m.jsonl") == [
+        {"step": 1, "val/loss": None, "val/loss_note": "non-finite (nan)"}, {"step": 2, "train/loss": 0.5}, {"step": 4}]

@@ -257,8 +257,13 @@ def test_resume_ends_with_the_same_weights_and_rows_as_an_uninterrupted_run(digi
     assert strip(storage.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == \
         strip(storage.read_jsonl(tmp_path / "full" / "metrics.jsonl"))
 
+    finished = storage.load_torch(tmp_path / "resumed" / training.CHECKPOINT)
+    # what a finished run produced, its best weights, and not what continuing would need
+    assert finished["finished"] and finished["model"] is None and finished["optimizer"] is None
+    assert finished["best_state"] is not None
     again, again_result = train(cfg, digits, tmp_path / "resumed")  # a finished run stays finished
     assert again_result.optimizer_steps == 80 and torch.equal(params(again), params(full))
+    assert again_result.best_metric == full_result.best_metric
 
 
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_the_run_resumes_to_the_same_weights(digits, tmp_path):
