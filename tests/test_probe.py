@@ -281,10 +281,18 @@ def test_block_timer_times_one_step_per_block_unless_steps_are_tiny():
     assert blocks.steps == len(calls) == 3 + len(blocks.seconds_per_step)  # 3 steps size the blocks
     assert len(blocks.seconds_per_step) >= throughput.MIN_BLOCKS and min(blocks.seconds_per_step) >= 1e-4
     calls.clear()
-    tiny = timer(16, lambda: calls.append(1))  # ~0.1 us a step: hundreds per block
-    assert timer.block_steps[16] >= 100 and tiny.steps == len(calls)
+    now = [0.0]  # a clock that only the steps move: 0.1 us a step, whatever else runs on the machine
+
+    def tiny():
+        calls.append(1)
+        now[0] += 1e-7
+
+    timer.clock = lambda: now[0]
+    blocks = timer(16, tiny)
+    assert 500 <= timer.block_steps[16] <= 501 and blocks.steps == len(calls)  # 50 us / 0.1 us a step
+    assert blocks.seconds_per_step == pytest.approx([1e-7] * len(blocks.seconds_per_step))
     calls.clear()
-    again = timer(16, lambda: calls.append(1))  # sized once per micro-batch
+    again = timer(16, tiny)  # sized once per micro-batch
     assert again.steps == len(calls) == timer.block_steps[16] * len(again.seconds_per_step)
 
 
