@@ -42,28 +42,18 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp file beside `path` for the block to write by name; it replaces `path` only if the
-    block succeeds."""
+def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600: outputs get the permissions open() gives
-        os.close(fd)
-        yield Path(tmp)
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
-
-
-@contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
-    """The file object of atomic_path's temp file."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
-        yield f
 
 
 @contextmanager
@@ -129,8 +119,11 @@ def read_json(path: Path) -> Any:
 def save_torch(obj: Any, path: Path) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, str(tmp))  # by name, torch writes with its own C++ writer: faster than through a file object
+    # Through a file object, not the temp file's name: torch names the archive inside after the
+    # file, so a random temp name would make the same weights different bytes (the registry
+    # checks a promoted model.pt by its sha256).
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_torch(path: Path) -> Any:

@@ -35,11 +35,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert storage.read_json(tmp_path / "s.json") == {"v": 1} and os.listdir(tmp_path) == ["s.json"]
 
 
-def test_a_torch_file_is_written_whole_or_not_at_all_with_ordinary_permissions(tmp_path):
+def test_a_torch_file_is_written_whole_or_not_at_all_with_ordinary_permissions_and_the_same_bytes(tmp_path):
     import torch
 
     path = tmp_path / "c.pt"
     storage.save_torch({"w": torch.ones(3)}, path)
+    first = path.read_bytes()
+    storage.save_torch({"w": torch.ones(3)}, path)  # a finished run trained again writes its model.pt again
+    assert path.read_bytes() == first  # the registry knows a promoted model.pt by its sha256
     with pytest.raises(Exception):
         storage.save_torch({"w": torch.zeros(3), "f": lambda: 0}, path)  # a lambda cannot be pickled
     assert torch.equal(storage.load_torch(path)["w"], torch.ones(3)) and os.listdir(tmp_path) == ["c.pt"]
