@@ -105,6 +105,7 @@ def main() -> None:
                         "accumulation_steps": choice["accumulation_steps"], "cpu_threads": result.get("cpu_threads"),
                         "probe_wall_time_s": result["wall_time_s"], "task_wall_time_s": task_s,
                         "ladder": result["throughput"]["ladder"], "remeasured": result["throughput"].get("remeasured"),
+                        "settled": result["throughput"].get("settled"),
                         "b_simple": result["noise_scale"]["b_simple"], "reasoning": result["reasoning"]})
                     print(f"run {i + 1} ({name}): batch {choice['effective_batch_size']} = {choice['micro_batch_size']}"
                           f" x {choice['accumulation_steps']}, probe {result['wall_time_s']:.2f} s, "

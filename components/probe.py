@@ -3,14 +3,16 @@ train step, when the config leaves them "auto", and writes the evidence to probe
 
 1. Memory fit: the largest micro-batch that fits the device with a margin (components/memory.py),
    counting the optimizer's state and, across ranks, the all-reduce's flat gradient buffer.
-2. Throughput: samples per second on a geometric ladder of micro-batches up to the fit, each the
+2. Gradient noise scale B_simple (components/noise_scale.py), after a short warm-up.
+3. Throughput: samples per second on a geometric ladder of micro-batches up to the fit, each the
    median of timed blocks with its spread (components/throughput.py), after the threads are set
    (components/cpu.py) and warmed up.
-3. Gradient noise scale B_simple (components/noise_scale.py), after a short warm-up.
 4. Recommendation: the effective batch B maximizing goodput = throughput(B) / (1 + B/B_noise),
    i.e. minimizing time to a target when samples-to-target grow as 1 + B/B_noise
    (McCandlish et al. 2018); when the goodputs of smaller batches overlap the best's within the
-   measured spread, the smallest of them; micro-batch = the fastest that fits and divides B;
+   measured spread, the smallest of them, after the rungs that choice hinges on are measured
+   again over 4x the passes (`hinges_on`, throughput.Ladder.settle) and still overlap;
+   micro-batch = the fastest that fits and divides B;
    accumulation = B / (micro x world size); LR rescaled from train.base_batch_size by train.lr_scaling.
 5. Across ranks (world size > 1): a short burst of real cross-rank steps at that choice under
    torchrun measures the scaling efficiency (components/scaling.py); the options' samples/s and
@@ -107,7 +109,7 @@ def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device:
     the median of blocks timed for `time_s` seconds, with its spread; re-measured where the ladder
     is not monotone beyond the spread (components/throughput.py). Runs on one copy (the rungs
     are interleaved; one copy is what fits next to the model): the probed model is not trained.
-    Returns {"ladder", "remeasured", "accepted"}."""
+    Returns {"ladder", "remeasured", "accepted", "timing"} (throughput.measure_ladder)."""
     trial_model = copy.deepcopy(model)
     optimizer = optimizer_factory(trial_model)
 
@@ -127,12 +129,12 @@ def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device:
         return step
 
     sizes = throughput.ladder_sizes(top)
-    settle = make_step(sizes[-1])  # torch's thread pool wakes and the clock ramps up before the first rung
+    warm_up = make_step(sizes[-1])  # torch's thread pool wakes and the clock ramps up before the first rung
     deadline = time.perf_counter() + time_s
-    settle()
+    warm_up()
     while time.perf_counter() < deadline:
-        settle()
-    del settle
+        warm_up()
+    del warm_up
 
     def on_rung(r: Dict) -> None:
         if progress:
@@ -196,6 +198,15 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
     return {**chosen, "world_size": world, "lr": lr, "options": options, "spread_note": note}
 
 
+def hinges_on(choice: Dict, ladder: List[Dict]) -> List[int]:
+    """The rungs a choice made by the overlap rule rests on: those the chosen option's and the
+    best option's samples/s were read from; none when the best goodput was chosen."""
+    if choice["spread_note"] is None:
+        return []
+    best = max(choice["options"], key=lambda o: o["goodput"])
+    return sorted({b for o in (choice, best) for b in throughput.rungs_behind(ladder, o["micro_batch_size"])})
+
+
 def _span(option: Dict) -> str:
     return f"{option['goodput']:,.0f} +- {option['goodput_spread']:,.0f}"
 
@@ -251,18 +262,11 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     budget, budget_note = memory_budget(cfg, device)
     fit, held = memory_fit(cfg, model, loss_fn, x, y, device, budget)
 
-    # 2. throughput on a ladder of micro-batches
     def optimizer_factory(m):
         return plan.make_optimizer(m, cfg.train, cfg.train.lr)
 
-    timed = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch, device,
-                              time_s=cfg.probe.throughput_time_s, remeasure=cfg.probe.throughput_remeasure,
-                              timer=timer)
-    ladder = timed["ladder"]
-    best = max(ladder, key=lambda r: r["samples_per_s"])
-    knee = min(r["micro_batch_size"] for r in ladder if r["samples_per_s"] >= KNEE * best["samples_per_s"])
-
-    # 3. gradient noise scale, after a short warm-up (the noise scale grows as the loss falls)
+    # 2. gradient noise scale, after a short warm-up (the noise scale grows as the loss falls); first, because
+    # the choice needs it while the ladder can still measure the rungs the choice hinges on
     small = max(1, min(fit.micro_batch, cfg.train.base_batch_size, n_train // (2 * cfg.probe.noise_accumulation)))
     warm = copy.deepcopy(model)
     optimizer = optimizer_factory(warm)
@@ -275,11 +279,30 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     noise = noise_scale.measure(warm, loss_fn, x, y, small, cfg.probe.noise_accumulation,
                                 cfg.probe.noise_batches, gen)
     b_noise = noise.b_simple if noise.b_simple > 0 and math.isfinite(noise.b_simple) else float(small)
+    del warm, optimizer  # on a GPU the ladder's copy comes next
     print(f"probe: noise scale B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} ({noise.n_batches} batches "
           f"of {small * cfg.probe.noise_accumulation} after {cfg.probe.warmup_steps} warm-up steps)", flush=True)
 
-    # 4. recommendation
+    # 3. throughput on a ladder of micro-batches (on its own copy, after the noise scale's is freed)
+    timed = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch, device,
+                              time_s=cfg.probe.throughput_time_s, remeasure=cfg.probe.throughput_remeasure,
+                              timer=timer)
+    ladder = timed["ladder"]
+
+    # 4. recommendation. One that rests on overlapping goodputs first settles the rungs it hinges
+    # on: on a busy CPU a slow spell through one rung's measurement widened its spread or lowered
+    # its median, and the overlap rule flipped the choice between adjacent batches.
     choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
+    settled = hinges_on(choice, ladder) if cfg.probe.throughput_remeasure else []
+    if settled:
+        print(f"probe: throughput settling micro-batch{'es' * (len(settled) > 1)} {', '.join(map(str, settled))} "
+              "(the choice rests on overlapping goodputs)", flush=True)
+        timed["timing"].settle(settled)
+        ladder = timed["ladder"] = timed["timing"].rungs()
+        choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
+    del timed["timing"]  # it holds the ladder's model copy
+    best = max(ladder, key=lambda r: r["samples_per_s"])
+    knee = min(r["micro_batch_size"] for r in ladder if r["samples_per_s"] >= KNEE * best["samples_per_s"])
     scale = None
     if cfg.world_size > 1:  # 5. scaling across ranks, measured at the choice (components/scaling.py)
         scale = scaling.measure(cfg, config, dataset_path, choice["micro_batch_size"], choice["accumulation_steps"],
@@ -295,6 +318,8 @@ def run(config: dict, dataset_path: str, out: str, store=None,
         f"throughput flat above micro-batch {knee} ({best['samples_per_s']:,.0f} +- {best['spread']:,.0f} "
         f"samples/s at best, {threads} thread{'s' * (threads > 1)})",
         *_ladder_notes(timed, cfg.probe.throughput_remeasure),
+        *([f"settled micro-batch{'es' * (len(settled) > 1)} {', '.join(map(str, settled))} over "
+           f"{throughput.SETTLE_ROUNDS}x the passes (the choice rested on overlapping goodputs)"] if settled else []),
         f"B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} after {cfg.probe.warmup_steps} warm-up steps "
         f"(small batch {small}, big {small * cfg.probe.noise_accumulation}, {noise.n_batches} batches)",
         f"-> effective {choice['effective_batch_size']} = {choice['micro_batch_size']} x "
@@ -318,6 +343,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
         "cpu_threads": threads,
         "throughput": {"ladder": ladder, "knee_micro_batch_size": knee, "time_s": cfg.probe.throughput_time_s,
                        "remeasured": timed["remeasured"], "accepted_non_monotone": timed["accepted"],
+                       "settled": settled,
                        "loop": loop},
         "noise_scale": noise.to_dict(),
         "scaling": scale,

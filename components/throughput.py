@@ -18,7 +18,8 @@ Throughput grows with the micro-batch until the device is saturated; it may flat
 past a cache size. A ladder where a larger micro-batch is slower than a smaller one by more than
 both their spreads is suspicious: the odd rung out (`suspects`) is measured twice more and the
 middle of the three measurements stands; so is a rung whose median is uncertain by more than a quarter (most
-of its blocks stalled). After `remeasure` rounds what remains is taken as real.
+of its blocks stalled). After `remeasure` rounds what remains is taken as real. A caller whose
+decision hinges on two rungs can `Ladder.settle` them: measured over more passes, pooled.
 
 Why not Timer.blocked_autorange / adaptive_autorange: their block size makes the timer's
 overhead at most 1e-4 of a block, which on a 0.2 ms step means blocks of 100 steps: within an
@@ -40,6 +41,7 @@ Z95, MAD_TO_SIGMA = 1.96, 1.4826  # a normal's 97.5% quantile; sigma / MAD for a
 STATS = ("samples_per_s", "spread", "samples_per_s_q1", "samples_per_s_q3", "blocks")
 UNCERTAIN = 0.25  # a median known only to within 25% is measured again too (most blocks stalled)
 MEASUREMENTS_PER_REMEASURE = 2  # a suspicious rung gets two more: the middle of three stands
+SETTLE_ROUNDS = 4  # a rung the choice hinges on is measured over 4x the passes (Ladder.settle)
 
 
 class Blocks(NamedTuple):
@@ -137,6 +139,50 @@ def suspects(pairs: List[Tuple[int, int]]) -> List[int]:
     return sorted(chosen)
 
 
+class Ladder:
+    """A ladder's measurements so far, rung by rung, and the means to take more: measure_ladder
+    drives it; the probe `settle`s the rungs its choice hinges on."""
+
+    def __init__(self, sizes: List[int], make_step: Callable[[int], Callable[[], None]], timer: StepTimer,
+                 passes: int = PASSES):
+        self.sizes, self.make_step, self.timer, self.passes = sizes, make_step, timer, passes
+        self.steps: Dict[int, Callable[[], None]] = {}
+        self.measured: Dict[int, List[Dict]] = {b: [] for b in sizes}
+        self.settled: Dict[int, Dict] = {}  # micro-batch -> the measurement that stands for it
+
+    def measure(self, rungs: List[int], rounds: int = 1) -> None:
+        """One more measurement of each of `rungs`: rounds x passes interleaved passes over them,
+        each timer call 1/passes of the time, the blocks of all of a rung's calls pooled."""
+        got: Dict[int, List[Blocks]] = {b: [] for b in rungs}
+        for _ in range(self.passes * rounds):
+            for b in rungs:
+                if b not in self.steps:
+                    self.steps[b] = self.make_step(b)
+                    self.steps[b]()  # warm-up: allocation, kernel selection
+                    got[b].append(Blocks(1, []))
+                got[b].append(self.timer(b, self.steps[b]))
+        for b in rungs:
+            self.measured[b].append(measurement(b, Blocks(sum(g.steps for g in got[b]),
+                                                          [s for g in got[b] for s in g.seconds_per_step])))
+
+    def settle(self, rungs: List[int], rounds: int = SETTLE_ROUNDS) -> None:
+        """Measure `rungs` once more, over `rounds` times the passes, and let that measurement
+        stand for them: with `rounds` times the blocks its spread is about 1/sqrt(rounds) of one
+        measurement's, and a slow spell covers a smaller share of its blocks."""
+        self.measure(rungs, rounds)
+        for b in rungs:
+            self.settled[b] = self.measured[b][-1]
+
+    def rungs(self) -> List[Dict]:
+        out = []
+        for b in self.sizes:
+            r = rung(b, self.measured[b])
+            if b in self.settled:
+                r.update({k: self.settled[b][k] for k in STATS})
+            out.append(r)
+        return out
+
+
 def measure_ladder(sizes: List[int], make_step: Callable[[int], Callable[[], None]], timer: StepTimer,
                    remeasure: int = 2, passes: int = PASSES, on_rung: Optional[Callable[[Dict], None]] = None,
                    on_remeasure: Optional[Callable[[int, List[Tuple[int, int]], List[int]], None]] = None) -> Dict:
@@ -146,25 +192,11 @@ def measure_ladder(sizes: List[int], make_step: Callable[[int], Callable[[], Non
     the machine then lands on every rung a little instead of on a few rungs whole.
     The suspects of non-monotone pairs, and rungs whose spread is over UNCERTAIN of their
     median, are measured again. Returns {"ladder": [...], "remeasured": [{round, pairs, uncertain,
-    micro_batch_sizes}], "accepted": the non-monotone pairs left}."""
-    steps: Dict[int, Callable[[], None]] = {}
-    measured: Dict[int, List[Dict]] = {b: [] for b in sizes}
-
-    def measure(rungs: List[int]) -> None:
-        got: Dict[int, List[Blocks]] = {b: [] for b in rungs}
-        for _ in range(passes):
-            for b in rungs:
-                if b not in steps:
-                    steps[b] = make_step(b)
-                    steps[b]()  # warm-up: allocation, kernel selection
-                    got[b].append(Blocks(1, []))
-                got[b].append(timer(b, steps[b]))
-        for b in rungs:
-            measured[b].append(measurement(b, Blocks(sum(g.steps for g in got[b]),
-                                                     [s for g in got[b] for s in g.seconds_per_step])))
-
-    measure(sizes)
-    ladder = [rung(b, measured[b]) for b in sizes]
+    micro_batch_sizes}], "accepted": the non-monotone pairs left, "timing": the Ladder, to
+    measure more}."""
+    timing = Ladder(sizes, make_step, timer, passes)
+    timing.measure(sizes)
+    ladder = timing.rungs()
     for r in ladder if on_rung else []:
         on_rung(r)
     rounds = []
@@ -177,11 +209,21 @@ def measure_ladder(sizes: List[int], make_step: Callable[[int], Callable[[], Non
         if on_remeasure:
             on_remeasure(n, pairs, uncertain)
         for _ in range(MEASUREMENTS_PER_REMEASURE):
-            measure(again)
-        ladder = [rung(b, measured[b]) for b in sizes]
+            timing.measure(again)
+        ladder = timing.rungs()
         rounds.append({"round": n, "pairs": [list(p) for p in pairs], "uncertain": uncertain,
                        "micro_batch_sizes": again})
-    return {"ladder": ladder, "remeasured": rounds, "accepted": [list(p) for p in non_monotone(ladder)]}
+    return {"ladder": ladder, "remeasured": rounds, "accepted": [list(p) for p in non_monotone(ladder)],
+            "timing": timing}
+
+
+def rungs_behind(ladder: List[Dict], micro: int) -> List[int]:
+    """The rungs `throughput_at(ladder, micro)` reads: micro's own, else the two around it (the
+    first below the ladder, the last above it)."""
+    sizes = [r["micro_batch_size"] for r in ladder]
+    if micro in sizes or micro < sizes[0] or micro > sizes[-1]:
+        return [min(sizes, key=lambda b: abs(math.log2(b) - math.log2(micro)))]
+    return [max(b for b in sizes if b < micro), min(b for b in sizes if b > micro)]
 
 
 def ladder_sizes(top: int) -> List[int]:
