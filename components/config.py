@@ -183,7 +183,7 @@ class ProbeConfig:
     # Throughput ladder (components/throughput.py): seconds timed per micro-batch, cut into
     # blocks whose median and interquartile range are kept; a ladder that is slower at a larger
     # micro-batch beyond that spread is re-measured up to `throughput_remeasure` times.
-    throughput_time_s: float = 0.08
+    throughput_time_s: float = 0.02
     throughput_remeasure: int = 2
     noise_batches: int = 32  # big batches averaged for the noise scale
     noise_accumulation: int = 4  # big batch = small batch x this

@@ -10,8 +10,9 @@ train step, when the config leaves them "auto", and writes the evidence to probe
 4. Recommendation: the effective batch B maximizing goodput = throughput(B) / (1 + B/B_noise),
    i.e. minimizing time to a target when samples-to-target grow as 1 + B/B_noise
    (McCandlish et al. 2018); when the goodputs of smaller batches overlap the best's within the
-   measured spread, the smallest of them, after the rungs that choice hinges on are measured
-   again over 4x the passes (`hinges_on`, throughput.Ladder.settle) and still overlap;
+   measured spread, the smallest of them. A close choice (another goodput within CLOSE of the
+   best, or overlapping it) is made again after the rungs it hinges on are measured over 4x the
+   passes (`hinges_on`, throughput.Ladder.settle);
    micro-batch = the fastest that fits and divides B;
    accumulation = B / (micro x world size); LR rescaled from train.base_batch_size by train.lr_scaling.
 5. Across ranks (world size > 1): a short burst of real cross-rank steps at that choice under
@@ -41,6 +42,10 @@ from components.tracking import Tracker
 
 PROBE_FILE = "probe.json"
 KNEE = 0.9  # throughput within 10% of the best counts as flat
+# A choice whose runner-up's goodput is within 20% of the best's is made again after the rungs
+# behind both are measured longer (hinges_on): on digits 64 vs 128 is 0.75-0.9, and a slow spell
+# through one rung's measurement (20 ms) flipped it on a busy CPU
+CLOSE = 0.8
 throughput_at = throughput.throughput_at  # the study reads the ladder through it
 
 
@@ -199,12 +204,13 @@ def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train
 
 
 def hinges_on(choice: Dict, ladder: List[Dict]) -> List[int]:
-    """The rungs a choice made by the overlap rule rests on: those the chosen option's and the
-    best option's samples/s were read from; none when the best goodput was chosen."""
-    if choice["spread_note"] is None:
-        return []
+    """The rungs a close choice rests on: those the samples/s of the chosen option, the best and
+    every option within CLOSE of the best's goodput were read from; none when the best stands alone."""
     best = max(choice["options"], key=lambda o: o["goodput"])
-    return sorted({b for o in (choice, best) for b in throughput.rungs_behind(ladder, o["micro_batch_size"])})
+    close = [o for o in choice["options"] if o["goodput"] >= CLOSE * best["goodput"]]
+    if choice["effective_batch_size"] == best["effective_batch_size"] and len(close) == 1:
+        return []
+    return sorted({b for o in [choice, *close] for b in throughput.rungs_behind(ladder, o["micro_batch_size"])})
 
 
 def _span(option: Dict) -> str:
@@ -289,14 +295,14 @@ def run(config: dict, dataset_path: str, out: str, store=None,
                               timer=timer)
     ladder = timed["ladder"]
 
-    # 4. recommendation. One that rests on overlapping goodputs first settles the rungs it hinges
-    # on: on a busy CPU a slow spell through one rung's measurement widened its spread or lowered
-    # its median, and the overlap rule flipped the choice between adjacent batches.
+    # 4. recommendation. A close one (goodputs within CLOSE, or overlapping) first settles the rungs
+    # it hinges on: on a busy CPU a slow spell through one rung's measurement lowered its median or
+    # widened its spread, and the choice flipped between adjacent batches.
     choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
     settled = hinges_on(choice, ladder) if cfg.probe.throughput_remeasure else []
     if settled:
         print(f"probe: throughput settling micro-batch{'es' * (len(settled) > 1)} {', '.join(map(str, settled))} "
-              "(the choice rests on overlapping goodputs)", flush=True)
+              "(a close choice rests on them)", flush=True)
         timed["timing"].settle(settled)
         ladder = timed["ladder"] = timed["timing"].rungs()
         choice = recommend(cfg, fit.micro_batch, ladder, b_noise, n_train)
@@ -319,7 +325,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
         f"samples/s at best, {threads} thread{'s' * (threads > 1)})",
         *_ladder_notes(timed, cfg.probe.throughput_remeasure),
         *([f"settled micro-batch{'es' * (len(settled) > 1)} {', '.join(map(str, settled))} over "
-           f"{throughput.SETTLE_ROUNDS}x the passes (the choice rested on overlapping goodputs)"] if settled else []),
+           f"{throughput.SETTLE_ROUNDS}x the passes (a close choice rested on them)"] if settled else []),
         f"B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} after {cfg.probe.warmup_steps} warm-up steps "
         f"(small batch {small}, big {small * cfg.probe.noise_accumulation}, {noise.n_batches} batches)",
         f"-> effective {choice['effective_batch_size']} = {choice['micro_batch_size']} x "

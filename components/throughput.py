@@ -22,10 +22,10 @@ of its blocks stalled). After `remeasure` rounds what remains is taken as real. 
 decision hinges on two rungs can `Ladder.settle` them: measured over more passes, pooled.
 
 Why not Timer.blocked_autorange / adaptive_autorange: their block size makes the timer's
-overhead at most 1e-4 of a block, which on a 0.2 ms step means blocks of 100 steps: within an
-80 ms budget (probe.throughput_time_s) that is 4 blocks, no spread to speak of, and on a shared
+overhead at most 1e-4 of a block, which on a 0.2 ms step means blocks of 100 steps: within a
+20 ms budget (probe.throughput_time_s) that is 1 block, no spread to speak of, and on a shared
 machine every block holds a stall; adaptive_autorange's four blocks took the digits ladder from
-0.1 s to 1.4 s (measured, at 20 ms a rung).
+0.1 s to 1.4 s (measured).
 Reading the clock costs ~0.1 us, under 0.2% of a 50 us block.
 """
 

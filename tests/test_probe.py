@@ -322,7 +322,7 @@ def test_probe_re_measures_an_outlier_and_chooses_from_scripted_timings(digits_a
     assert "probe: noise scale B_simple ~ " in out
 
 
-def test_a_choice_resting_on_overlapping_goodputs_settles_its_two_rungs_first(digits_artifact, capsys):
+def test_a_close_choice_settles_the_rungs_it_rests_on_first(digits_artifact, capsys):
     """As on a busy CPU: a slow spell through 128's first measurement leaves its median right but
     its spread wide (24%, under the uncertainty bound), wide enough that its goodput overlaps 64's
     and the overlap rule would take 64. The two rungs are measured again over 4x the passes, the
@@ -338,18 +338,21 @@ def test_a_choice_resting_on_overlapping_goodputs_settles_its_two_rungs_first(di
     rung_128 = timed["ladder"][4]
     assert rung_128["measurements"] == pytest.approx([1280, 1280]) and rung_128["spread"] < 0.02 * 1280
     assert (choice["effective_batch_size"], choice["micro_batch_size"]) == (128, 128)
-    assert "settled micro-batches 64, 128 over 4x the passes (the choice rested on overlapping goodputs)" in \
-        result["reasoning"]
-    assert "probe: throughput settling micro-batches 64, 128 (the choice rests on overlapping goodputs)\n" in \
-        capsys.readouterr().out
+    assert "settled micro-batches 64, 128 over 4x the passes (a close choice rested on them)" in result["reasoning"]
+    assert "probe: throughput settling micro-batches 64, 128 (a close choice rests on them)\n" in capsys.readouterr().out
 
 
 def test_the_rungs_a_choice_hinges_on_are_those_its_samples_per_s_were_read_from():
     lad = ladder({8: 80.0, 16: 160.0, 32: 320.0, 128: 1280.0})
     assert throughput.rungs_behind(lad, 16) == [16] and throughput.rungs_behind(lad, 64) == [32, 128]
     assert throughput.rungs_behind(lad, 4) == [8] and throughput.rungs_behind(lad, 512) == [128]
-    clear = {"spread_note": None, "options": [], "micro_batch_size": 16}
-    assert probe.hinges_on(clear, lad) == []  # the best goodput was chosen: nothing rests on an overlap
+    options = [{"effective_batch_size": b, "micro_batch_size": b, "goodput": g} for b, g in ((16, 100.0), (32, 79.0))]
+    clear = {**options[0], "spread_note": None, "options": options}
+    assert probe.hinges_on(clear, lad) == []  # the best stands alone: nothing to settle
+    options[1]["goodput"] = 81.0  # within 20% of the best
+    assert probe.hinges_on({**options[0], "spread_note": None, "options": options}, lad) == [16, 32]
+    options[1]["goodput"] = 50.0  # far below, but the overlap rule chose it
+    assert probe.hinges_on({**options[1], "spread_note": "overlaps", "options": options}, lad) == [16, 32]
 
 
 def test_across_ranks_the_measured_scaling_sets_the_pace_and_leaves_the_choice():
