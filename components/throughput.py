@@ -35,7 +35,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-MIN_BLOCKS = 3  # per timer call; a measurement has PASSES x that at least
+# Blocks per timer call at least; a measurement has PASSES x that at least. One: a step slower
+# than a pass's share of time_s (4096 rows of a small MLP on a CPU: ~8 ms against ~7 ms) is timed
+# once a pass, not three times, which took the ladder's top rung to ~3x its time (and samples)
+MIN_BLOCKS = 1
 PASSES = 3  # interleaved passes over the rungs per measurement
 Z95, MAD_TO_SIGMA = 1.96, 1.4826  # a normal's 97.5% quantile; sigma / MAD for a normal
 STATS = ("samples_per_s", "spread", "samples_per_s_q1", "samples_per_s_q3", "blocks")
@@ -57,7 +60,8 @@ StepTimer = Callable[[int, Callable[[], None]], Blocks]  # (micro_batch, step) -
 class BlockTimer:
     """The default StepTimer: blocks of `step` for `time_s` seconds in all, each block the fewest
     steps that take `min_block_s` (one, for all but tiny models), timed with torch.utils.benchmark's
-    timer. Raise min_block_s on an accelerator, where a step per block would time the sync."""
+    timer. Raise min_block_s on an accelerator, where a step per block would time the sync. The
+    three steps that size a rung's blocks are its first blocks when a block is one step."""
 
     def __init__(self, time_s: float, min_block_s: float = 50e-6, min_blocks: int = MIN_BLOCKS):
         from torch.utils.benchmark.utils.timer import timer
@@ -74,8 +78,8 @@ class BlockTimer:
                 sizing.append(self.clock() - start)
             self.block_steps[micro_batch] = max(1, math.ceil(self.min_block_s / max(sorted(sizing)[1], 1e-9)))
         number = self.block_steps[micro_batch]
-        times: List[float] = []
-        total = 0.0
+        times: List[float] = list(sizing) if number == 1 else []  # timed single steps, the same as a block
+        total = sum(times)
         while total < self.time_s or len(times) < self.min_blocks:
             start = self.clock()
             for _ in range(number):
@@ -83,7 +87,7 @@ class BlockTimer:
             elapsed = self.clock() - start
             times.append(elapsed / number)
             total += elapsed
-        return Blocks(len(sizing) + number * len(times), times)
+        return Blocks(number * len(times) + (len(sizing) if number > 1 else 0), times)
 
 
 def quartiles(values: List[float]) -> Tuple[float, float, float]:

@@ -278,8 +278,9 @@ def test_block_timer_times_one_step_per_block_unless_steps_are_tiny():
 
     timer = throughput.BlockTimer(0.003)
     blocks = timer(8, slow)
-    assert blocks.steps == len(calls) == 3 + len(blocks.seconds_per_step)  # 3 steps size the blocks
-    assert len(blocks.seconds_per_step) >= throughput.MIN_BLOCKS and min(blocks.seconds_per_step) >= 1e-4
+    # the 3 steps that size the blocks are blocks of one step too
+    assert blocks.steps == len(calls) == len(blocks.seconds_per_step) >= 3
+    assert min(blocks.seconds_per_step) >= 1e-4 and sum(blocks.seconds_per_step) >= 0.003
     calls.clear()
     now = [0.0]  # a clock that only the steps move: 0.1 us a step, whatever else runs on the machine
 
@@ -294,6 +295,24 @@ def test_block_timer_times_one_step_per_block_unless_steps_are_tiny():
     calls.clear()
     again = timer(16, tiny)  # sized once per micro-batch
     assert again.steps == len(calls) == timer.block_steps[16] * len(again.seconds_per_step)
+
+
+def test_block_timer_times_a_step_slower_than_its_budget_once():
+    """A rung whose step outlasts a pass's time (a large micro-batch on a CPU) costs one step a
+    pass, not MIN_BLOCKS of 3: the ladder's top rung cost ~3x its time and samples before."""
+    now, calls = [0.0], []
+
+    def slow():  # 8 ms by a clock only the steps move, against 2 ms a call
+        calls.append(1)
+        now[0] += 8e-3
+
+    timer = throughput.BlockTimer(2e-3)
+    timer.clock = lambda: now[0]
+    first = timer(4096, slow)
+    assert first.steps == len(calls) == 3 and first.seconds_per_step == pytest.approx([8e-3] * 3)  # the sizing steps
+    calls.clear()
+    again = timer(4096, slow)
+    assert again.steps == len(calls) == 1 and again.seconds_per_step == pytest.approx([8e-3])
 
 
 def test_probe_re_measures_an_outlier_and_chooses_from_scripted_timings(digits_artifact, capsys):
