@@ -147,8 +147,10 @@ def load_file(cfg: DataConfig, local_file: Optional[Path] = None, origin: Option
         raise DataError(f"data.path: {path.name} has a header but no rows" if fmt == "csv" else
                         f"data.path: {path.name} has columns but no rows")
     if cfg.target not in frame.columns:
-        raise DataError(f"data.target: column {cfg.target!r} not in {path.name} "
-                        f"(columns: {', '.join(map(str, frame.columns[:20]))})")
+        names = [str(c) for c in frame.columns]
+        more = f", and {len(names) - 20} more" if len(names) > 20 else ""
+        raise DataError(f"data.target: column {cfg.target!r} not in {path.name}{did_you_mean(cfg.target, names)} "
+                        f"(columns: {', '.join(names[:20])}{more})")
     features = frame.drop(columns=[cfg.target])
     if features.shape[1] == 0:
         raise DataError(f"data.path: {path.name} has no feature columns besides the target")
@@ -159,6 +161,15 @@ def load_file(cfg: DataConfig, local_file: Optional[Path] = None, origin: Option
                         "(encode them as numbers first)")
     y = frame[cfg.target].to_numpy()
     return Source(features.to_numpy(dtype=np.float32), y, origin or str(path), [str(c) for c in features.columns])
+
+
+def did_you_mean(name: str, names: List[str]) -> str:
+    """'; did you mean data.target='target'?' for the column a user most likely meant (the same name in another
+    case first, then the closest spelling); '' when none is close."""
+    import difflib
+
+    close = [n for n in names if n.lower() == name.lower()] or difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean data.target={close[0]!r}?" if close else ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,7 +199,8 @@ def _load_npz(path: Path, target: str, why_npz: str, origin: Optional[str] = Non
     with npz:
         keys = list(npz.keys())
         if "X" not in npz or target not in npz:
-            raise DataError(f"data.path: {path.name} must hold arrays 'X' and {target!r} (data.target); "
+            hint = did_you_mean(target, [k for k in keys if k != "X"]) if "X" in npz else ""
+            raise DataError(f"data.path: {path.name} must hold arrays 'X' and {target!r} (data.target){hint}; "
                             f"found: {', '.join(keys)}")
         try:
             x, y = npz["X"], npz[target]

@@ -153,6 +153,22 @@ def test_bad_data_fails_with_one_line_and_writes_nothing(tmp_path, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact")]  # no temp leftovers
 
 
+def test_a_misspelt_target_is_named_with_the_column_meant(tmp_path):
+    wide = pd.DataFrame({**{f"f{i}": np.arange(6.0) for i in range(24)}, "label": [0, 1] * 3})
+    cfg = _bad(tmp_path, "wide.csv", wide, target="Label")
+    with pytest.raises(DataError) as err:
+        data_prep.run(cfg.to_dict(), str(tmp_path / "artifact"))
+    assert str(err.value) == ("data.target: column 'Label' not in wide.csv; did you mean data.target='label'? "
+                              f"(columns: {', '.join(f'f{i}' for i in range(20))}, and 5 more)")
+    np.savez(tmp_path / "a.npz", X=np.zeros((6, 2), np.float32), labels=np.arange(6))
+    cfg = _bad(tmp_path, "a.npz", target="label")
+    with pytest.raises(DataError, match=r"and 'label' \(data.target\); did you mean data.target='labels'\?; found: X, labels"):
+        data_prep.run(cfg.to_dict(), str(tmp_path / "artifact"))
+    cfg = _bad(tmp_path, "t.csv", _table(), target="zzz")
+    with pytest.raises(DataError, match=r"^data.target: column 'zzz' not in t.csv \(columns"):  # nothing close: no guess
+        data_prep.run(cfg.to_dict(), str(tmp_path / "artifact"))
+
+
 def test_wrong_shape_for_the_chosen_model_fails_before_training(tmp_path):
     _table().to_csv(tmp_path / "flat.csv", index=False)
     cfg = config(data={"name": "file", "path": str(tmp_path / "flat.csv"), "target": "label"}, model={"name": "cnn"})
