@@ -108,6 +108,9 @@ class TrainConfig:
     lr_scaling: str = "linear"
     warmup_steps: int = 0
     schedule: str = "constant"
+    # Steps the cosine decay spans. null: the run's step limit. A study's capped search run keeps
+    # its batch's budget here, so it is the uncapped run stopped early, not a faster decay.
+    schedule_steps: Optional[int] = None
     weight_decay: float = 0.0
     seed: int = 0
     # A checkpoint every N seconds of training and/or every N steps (whichever comes first), and
@@ -456,7 +459,7 @@ _NOT_HASHED = ("run_id", "output_dir", "resume_from", "tracking", "platform", "s
 # another world size), and keys hashed only when not at their default, so that runs checkpointed
 # before the key existed still resume.
 _TRAIN_NOT_HASHED = ("nproc",)
-_TRAIN_HASHED_UNLESS = {"precision": "fp32"}
+_TRAIN_HASHED_UNLESS = {"precision": "fp32", "schedule_steps": None}  # at these, hashes as before the key
 
 
 # Where the data comes from: absolute paths of this machine, a branch that moves. Once the data's

@@ -75,6 +75,8 @@ def validate(cfg: Config) -> None:
         _check(cfg.probe.enabled, "train.batch_size", "with probe.enabled=false, train.batch_size and "
                f"train.micro_batch_size must be numbers; got {t.batch_size!r} and {t.micro_batch_size!r}")
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 or null; got {t.max_steps}")
+    _check(t.schedule_steps is None or (type(t.schedule_steps) is int and t.schedule_steps > 0), "train.schedule_steps",
+           f"must be a positive integer or null; got {t.schedule_steps!r}")
     _check(t.checkpoint_every_s is None or t.checkpoint_every_s > 0, "train.checkpoint_every_s",
            f"must be > 0 or null; got {t.checkpoint_every_s}")
     _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")

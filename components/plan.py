@@ -34,6 +34,7 @@ class Plan:
     n_train: int
     steps_per_epoch: int
     max_steps: int  # the binding limit: train.max_steps or max_epochs x steps_per_epoch
+    schedule_steps: int  # what the LR schedule spans: train.schedule_steps, else max_steps
     limit: str  # which limit binds: "max_steps" or "max_epochs"
     eval_every_steps: int
     lr: float  # peak learning rate after scaling to the effective batch
@@ -47,10 +48,11 @@ class Plan:
         steps_per_epoch = n_train // t.batch_size
         epoch_limit = t.max_epochs * steps_per_epoch
         by_steps = t.max_steps is not None and t.max_steps <= epoch_limit
+        max_steps = t.max_steps if by_steps else epoch_limit
         return cls(
             effective_batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
             accumulation_steps=cfg.accumulation_steps, world_size=cfg.world_size, n_train=n_train,
-            steps_per_epoch=steps_per_epoch, max_steps=t.max_steps if by_steps else epoch_limit,
+            steps_per_epoch=steps_per_epoch, max_steps=max_steps, schedule_steps=t.schedule_steps or max_steps,
             limit=early_stopping.MAX_STEPS if by_steps else early_stopping.MAX_EPOCHS,
             eval_every_steps=cfg.eval.every_steps or steps_per_epoch,
             lr=scaled_lr(t.lr, t.batch_size, t.base_batch_size, t.lr_scaling),

@@ -119,7 +119,9 @@ def run_config(entry: Dict, name: str, multiplier: float, seed: int, every: int,
     if run.get("resume_from"):  # a study resumed from another: each run from that study's run of the same name
         run["resume_from"] = join_uri(run["resume_from"], RUNS_DIR, name)
     budget = run["train"]["max_steps"]
-    run["train"].update(lr=run["train"]["lr"] * multiplier, seed=seed,
+    # a cap stops the run early; its LR schedule still spans the batch's budget, so a capped run
+    # follows the uncapped one step for step (a cosine over the cap would decay it faster)
+    run["train"].update(lr=run["train"]["lr"] * multiplier, seed=seed, schedule_steps=entry["budget_steps"],
                         max_steps=min(cap, budget or cap) if cap else budget)
     patience = NEVER if entry["patience_steps"] is None else math.ceil(entry["patience_steps"] / every)
     run["eval"].update(every_steps=every, patience=patience)

@@ -273,7 +273,8 @@ class Trainer:
         max_steps, eval_every, show_bar = plan.max_steps, plan.eval_every_steps, not bar.disable
         every_steps, every_s = t.checkpoint_every_steps, t.checkpoint_every_s
         constant_lr = t.warmup_steps == 0 and t.schedule == "constant"  # set once, not every step
-        lr = lr_at(s.step, plan.lr, t, max_steps)
+        schedule_steps = plan.schedule_steps
+        lr = lr_at(s.step, plan.lr, t, schedule_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         last_flush = last_checkpoint = time.perf_counter()
@@ -285,7 +286,7 @@ class Trainer:
                 start = window * batch + rank * shard
                 self.indices = order[start:start + shard]
                 if not constant_lr:
-                    lr = lr_at(s.step, plan.lr, t, max_steps)
+                    lr = lr_at(s.step, plan.lr, t, schedule_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
 

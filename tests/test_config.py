@@ -63,6 +63,7 @@ def test_every_experiment_composes(name):
     (["train.lr_scaling=cubic"], "train.lr_scaling: must be one of none, linear, sqrt"),
     (["train.schedule=step"], "train.schedule: must be one of constant, cosine"),
     (["train.max_steps=0"], "train.max_steps: must be > 0 or null"),
+    (["train.schedule_steps=0"], "train.schedule_steps: must be a positive integer or null; got 0"),
     (["train.max_steps=abc"], "train.max_steps: Value 'abc'"),
     (["data.val_fraction=0"], "data.val_fraction: must be in (0, 1)"),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data.val_fraction: val_fraction + test_fraction"),

@@ -6,11 +6,13 @@ import math
 import re
 
 import pytest
+import torch
 import yaml
 
-from components import data_prep, lr_search, storage, study, study_summary
+from components import data_prep, lr_search, models, storage, study, study_summary
 from components.config import Config, parse_config
 from components.errors import ConfigError, DataError
+from components.training import Trainer
 from pipelines import outputs, submit
 from pipelines.config import compose_config
 from study_helpers import PROBE, row, study_config
@@ -81,6 +83,30 @@ def test_plan_fixes_micro_batch_budget_and_each_runs_lr_seed_and_cadence():
     assert capped["train"]["max_steps"] == 40 and capped["run_id"] == "s1-b96-lr0.5x-s0-fine"
     assert study.run_name(96, 0.5, 0, lr_search.LONGER, attempt=2) == "b96-lr0.5x-s0-longer2"
     assert config["train"]["batch_size"] == "auto"  # the study's own config is untouched
+
+
+def test_a_capped_search_run_is_the_uncapped_run_stopped_early_also_under_a_cosine_schedule(digits, tmp_path):
+    """A cap stops a search run once it cannot win; its LR schedule still spans the batch's budget.
+    Before, a cosine decayed over the cap instead (at step 30 of a 40-step cap ~1/3 of the LR it
+    should have had), so capped runs trained at a lower LR than the run they were compared with."""
+    config = study_config(batch_sizes=[64])
+    config["train"].update(schedule="cosine", warmup_steps=5)
+    config["eval"]["target"] = 2.0  # never met: both runs train to their limit
+    entry = study.plan(config, 1259, PROBE)[0]
+    losses, lrs = {}, {}
+    for cap in (None, 40):
+        run = study.run_config(entry, f"b64-cap{cap}", 1.0, 0, every=10, cap=cap)
+        run["train"]["max_epochs"] = 3  # 57 steps uncapped: enough to pass the cap, quick
+        cfg = parse_config(run)
+        run_dir = tmp_path / f"cap{cap}"
+        torch.manual_seed(0)  # the same initial weights (components/train.py seeds before building)
+        Trainer(models.build_model(cfg.model, digits.input_shape, digits.output_dim), digits, cfg, run_dir=run_dir,
+                progress=False).fit()
+        rows = [r for r in storage.read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+        losses[cap], lrs[cap] = [r["train/loss"] for r in rows], [r["lr"] for r in rows]
+    assert len(lrs[40]) == 40 and len(lrs[None]) > 40
+    assert lrs[40] == lrs[None][:40] and losses[40] == losses[None][:40]
+    assert lrs[40][30] > 0.5 * lrs[40][5]  # still early in a decay over the budget (30 epochs of 19 steps)
 
 
 def test_a_study_can_train_past_the_target_to_compare_trained_models():
