@@ -51,10 +51,11 @@ def run_all(config: dict, dataset: Path, study_dir: Path, manifest: dict, decisi
 
 
 def probe_samples(result: dict, config: dict) -> int:
-    """Samples the probe trained on: its warm-up, the noise-scale batches and the throughput ladder."""
+    """Samples the probe trained on: its warm-up, the noise-scale batches (each followed by a
+    training step at the small batch) and the throughput ladder."""
     noise, p = result.get("noise_scale") or {}, config["probe"]
-    total = p["warmup_steps"] * (noise.get("small_batch") or 0) + (noise.get("n_batches") or 0) * (
-        noise.get("big_batch") or 0)
+    small, n_batches = noise.get("small_batch") or 0, noise.get("n_batches") or 0
+    total = (p["warmup_steps"] + n_batches) * small + n_batches * (noise.get("big_batch") or 0)
     for rung in (result.get("throughput") or {}).get("ladder") or []:
         # a rung trains for about its timed seconds (or a fixed step count in older probes), plus a warm-up step
         seconds = rung.get("time_s") or rung.get("seconds")

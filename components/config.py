@@ -188,7 +188,7 @@ class ProbeConfig:
     # micro-batch beyond that spread is re-measured up to `throughput_remeasure` times.
     throughput_time_s: float = 0.02
     throughput_remeasure: int = 2
-    noise_batches: int = 32  # big batches averaged for the noise scale
+    noise_batches: int = 32  # big batches averaged for the noise scale, one a training step after the warm-up
     noise_accumulation: int = 4  # big batch = small batch x this
     warmup_steps: int = 50  # steps of training before the noise scale is measured (0: at init)
 

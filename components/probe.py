@@ -34,8 +34,8 @@ import torch
 
 from components import (cpu, datasets, distributed, loop_pace, memory, metrics, models, noise_scale, plan, precision,
                         run_store, scaling, storage, throughput)
-from components.config import (AUTO, Config, config_hash, for_dataset, largest_divisor_at_most, load_config_file,
-                               parse_config, with_batch_sizes)
+from components.config import (AUTO, Config, ProbeConfig, config_hash, for_dataset, largest_divisor_at_most,
+                               load_config_file, parse_config, with_batch_sizes)
 from components.errors import ConfigError, exit_on_user_error
 from components.run_store import RunStore, join_uri
 from components.tracking import Tracker
@@ -156,6 +156,36 @@ def throughput_ladder(model, optimizer_factory, loss_fn, x, y, top: int, device:
     return throughput.measure_ladder(sizes, make_step, timer, remeasure, on_rung=on_rung, on_remeasure=on_remeasure)
 
 
+def early_noise_scale(model: torch.nn.Module, optimizer_factory: Callable, loss_fn: Callable, x: torch.Tensor,
+                      y: torch.Tensor, small: int, p: ProbeConfig, seed: int) -> noise_scale.NoiseScale:
+    """B_simple early in training, on a copy of `model` (freed on return, before the ladder's copy):
+    p.warmup_steps of training at batch `small`, then p.noise_batches big batches (small x
+    p.noise_accumulation), one per training step, as a ratio of means over all of them.
+
+    One a step: early in training B_simple swings 2-4x within tens of steps (SGD with momentum
+    crossing a valley), so all the batches at one instant made it a draw of the seed: 62-196 on
+    twelve seeds of one task, 81-563 on digits; spread over as many steps, 85-173 and 136-333
+    (BENCHMARKS.md, noise-scale estimator)."""
+    warm = copy.deepcopy(model)
+    optimizer = optimizer_factory(warm)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step() -> None:
+        rows = torch.randint(0, len(x), (small,), generator=gen).to(x.device)
+        loss_fn(warm(x[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(p.warmup_steps):
+        step()
+    pairs = []
+    for _ in range(p.noise_batches):
+        pairs.append(noise_scale.batch_sq_norms(warm, loss_fn, x, y, small, p.noise_accumulation, 1, gen))
+        step()
+    return noise_scale.estimate(torch.cat([s for s, _ in pairs]), torch.cat([b for _, b in pairs]), small,
+                                small * p.noise_accumulation, population=len(x))
+
+
 def recommend(cfg: Config, fit: int, ladder: List[Dict], b_noise: float, n_train: int,
               scaling: float = 1.0) -> Dict:
     """The effective batch, micro-batch and accumulation that maximize goodput. Across ranks the
@@ -274,20 +304,11 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     # 2. gradient noise scale, after a short warm-up (the noise scale grows as the loss falls); first, because
     # the choice needs it while the ladder can still measure the rungs the choice hinges on
     small = max(1, min(fit.micro_batch, cfg.train.base_batch_size, n_train // (2 * cfg.probe.noise_accumulation)))
-    warm = copy.deepcopy(model)
-    optimizer = optimizer_factory(warm)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    for _ in range(cfg.probe.warmup_steps):
-        rows = torch.randint(0, n_train, (small,), generator=gen).to(device)
-        loss_fn(warm(x[rows]), y[rows]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    noise = noise_scale.measure(warm, loss_fn, x, y, small, cfg.probe.noise_accumulation,
-                                cfg.probe.noise_batches, gen)
+    accumulation = cfg.probe.noise_accumulation
+    noise = early_noise_scale(model, optimizer_factory, loss_fn, x, y, small, cfg.probe, cfg.train.seed)
     b_noise = noise.b_simple if noise.b_simple > 0 and math.isfinite(noise.b_simple) else float(small)
-    del warm, optimizer  # on a GPU the ladder's copy comes next
     print(f"probe: noise scale B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} ({noise.n_batches} batches "
-          f"of {small * cfg.probe.noise_accumulation} after {cfg.probe.warmup_steps} warm-up steps)", flush=True)
+          f"of {small * accumulation}, one a step after {cfg.probe.warmup_steps} warm-up steps)", flush=True)
 
     # 3. throughput on a ladder of micro-batches (on its own copy, after the noise scale's is freed)
     timed = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch, device,
@@ -327,7 +348,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
         *([f"settled micro-batch{'es' * (len(settled) > 1)} {', '.join(map(str, settled))} over "
            f"{throughput.SETTLE_ROUNDS}x the passes (a close choice rested on them)"] if settled else []),
         f"B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} after {cfg.probe.warmup_steps} warm-up steps "
-        f"(small batch {small}, big {small * cfg.probe.noise_accumulation}, {noise.n_batches} batches)",
+        f"(small batch {small}, big {small * accumulation}, {noise.n_batches} batches, one a training step)",
         f"-> effective {choice['effective_batch_size']} = {choice['micro_batch_size']} x "
         f"{choice['accumulation_steps']} x {choice['world_size']}, lr {choice['lr']:.4g} "
         f"({cfg.train.lr_scaling} from {cfg.train.lr} at {cfg.train.base_batch_size})",

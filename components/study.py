@@ -119,10 +119,13 @@ def run_config(entry: Dict, name: str, multiplier: float, seed: int, every: int,
     if run.get("resume_from"):  # a study resumed from another: each run from that study's run of the same name
         run["resume_from"] = join_uri(run["resume_from"], RUNS_DIR, name)
     budget = run["train"]["max_steps"]
-    # a cap stops the run early; its LR schedule still spans the batch's budget, so a capped run
-    # follows the uncapped one step for step (a cosine over the cap would decay it faster)
-    run["train"].update(lr=run["train"]["lr"] * multiplier, seed=seed, schedule_steps=entry["budget_steps"],
+    run["train"].update(lr=run["train"]["lr"] * multiplier, seed=seed,
                         max_steps=min(cap, budget or cap) if cap else budget)
+    if cap and run["train"]["schedule"] != "constant":
+        # a cap stops the run early; its LR schedule still spans the batch's budget, so a capped run
+        # follows the uncapped one step for step (a cosine over the cap decayed it faster). Only a
+        # decaying schedule reads it: unset elsewhere, those runs keep their config hash
+        run["train"]["schedule_steps"] = entry["budget_steps"]
     patience = NEVER if entry["patience_steps"] is None else math.ceil(entry["patience_steps"] / every)
     run["eval"].update(every_steps=every, patience=patience)
     return run

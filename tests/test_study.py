@@ -88,15 +88,15 @@ def test_plan_fixes_micro_batch_budget_and_each_runs_lr_seed_and_cadence():
 def test_a_capped_search_run_is_the_uncapped_run_stopped_early_also_under_a_cosine_schedule(digits, tmp_path):
     """A cap stops a search run once it cannot win; its LR schedule still spans the batch's budget.
     Before, a cosine decayed over the cap instead (at step 30 of a 40-step cap ~1/3 of the LR it
-    should have had), so capped runs trained at a lower LR than the run they were compared with."""
-    config = study_config(batch_sizes=[64])
+    should have had), so capped runs trained at a lower LR than the run they were compared with.
+    Under a constant schedule nothing changes, and a run's config hash stays what it was."""
+    config = study_config(batch_sizes=[64], max_epochs=3)  # a budget of 57 steps: past the cap, quick
     config["train"].update(schedule="cosine", warmup_steps=5)
     config["eval"]["target"] = 2.0  # never met: both runs train to their limit
     entry = study.plan(config, 1259, PROBE)[0]
     losses, lrs = {}, {}
     for cap in (None, 40):
         run = study.run_config(entry, f"b64-cap{cap}", 1.0, 0, every=10, cap=cap)
-        run["train"]["max_epochs"] = 3  # 57 steps uncapped: enough to pass the cap, quick
         cfg = parse_config(run)
         run_dir = tmp_path / f"cap{cap}"
         torch.manual_seed(0)  # the same initial weights (components/train.py seeds before building)
@@ -104,9 +104,11 @@ def test_a_capped_search_run_is_the_uncapped_run_stopped_early_also_under_a_cosi
                 progress=False).fit()
         rows = [r for r in storage.read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
         losses[cap], lrs[cap] = [r["train/loss"] for r in rows], [r["lr"] for r in rows]
-    assert len(lrs[40]) == 40 and len(lrs[None]) > 40
+    assert len(lrs[40]) == 40 and len(lrs[None]) == 57
     assert lrs[40] == lrs[None][:40] and losses[40] == losses[None][:40]
-    assert lrs[40][30] > 0.5 * lrs[40][5]  # still early in a decay over the budget (30 epochs of 19 steps)
+    assert lrs[40][30] > 0.4 * lrs[40][5]  # half-way down a decay over 57 steps (over the cap of 40: 0.19)
+    constant = study.plan(study_config(batch_sizes=[64]), 1259, PROBE)[0]  # the default schedule: left unset
+    assert study.run_config(constant, "b64", 1.0, 0, every=10, cap=40)["train"]["schedule_steps"] is None
 
 
 def test_a_study_can_train_past_the_target_to_compare_trained_models():
