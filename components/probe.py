@@ -304,11 +304,10 @@ def run(config: dict, dataset_path: str, out: str, store=None,
     # 2. gradient noise scale, after a short warm-up (the noise scale grows as the loss falls); first, because
     # the choice needs it while the ladder can still measure the rungs the choice hinges on
     small = max(1, min(fit.micro_batch, cfg.train.base_batch_size, n_train // (2 * cfg.probe.noise_accumulation)))
-    accumulation = cfg.probe.noise_accumulation
     noise = early_noise_scale(model, optimizer_factory, loss_fn, x, y, small, cfg.probe, cfg.train.seed)
     b_noise = noise.b_simple if noise.b_simple > 0 and math.isfinite(noise.b_simple) else float(small)
     print(f"probe: noise scale B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} ({noise.n_batches} batches "
-          f"of {small * accumulation}, one a step after {cfg.probe.warmup_steps} warm-up steps)", flush=True)
+          f"of {noise.big_batch}, one a step after {cfg.probe.warmup_steps} warm-up steps)", flush=True)
 
     # 3. throughput on a ladder of micro-batches (on its own copy, after the noise scale's is freed)
     timed = throughput_ladder(model, optimizer_factory, loss_fn, x, y, fit.micro_batch, device,
@@ -348,7 +347,7 @@ def run(config: dict, dataset_path: str, out: str, store=None,
         *([f"settled micro-batch{'es' * (len(settled) > 1)} {', '.join(map(str, settled))} over "
            f"{throughput.SETTLE_ROUNDS}x the passes (a close choice rested on them)"] if settled else []),
         f"B_simple ~ {noise.b_simple:.0f} +- {noise.spread:.0f} after {cfg.probe.warmup_steps} warm-up steps "
-        f"(small batch {small}, big {small * accumulation}, {noise.n_batches} batches, one a training step)",
+        f"(small batch {noise.small_batch}, big {noise.big_batch}, {noise.n_batches} batches, one a training step)",
         f"-> effective {choice['effective_batch_size']} = {choice['micro_batch_size']} x "
         f"{choice['accumulation_steps']} x {choice['world_size']}, lr {choice['lr']:.4g} "
         f"({cfg.train.lr_scaling} from {cfg.train.lr} at {cfg.train.base_batch_size})",

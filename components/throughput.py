@@ -79,7 +79,7 @@ class BlockTimer:
             self.block_steps[micro_batch] = max(1, math.ceil(self.min_block_s / max(sorted(sizing)[1], 1e-9)))
         number = self.block_steps[micro_batch]
         times: List[float] = list(sizing) if number == 1 else []  # timed single steps, the same as a block
-        total = sum(times)
+        total, steps = sum(times), len(sizing)
         while total < self.time_s or len(times) < self.min_blocks:
             start = self.clock()
             for _ in range(number):
@@ -87,7 +87,8 @@ class BlockTimer:
             elapsed = self.clock() - start
             times.append(elapsed / number)
             total += elapsed
-        return Blocks(number * len(times) + (len(sizing) if number > 1 else 0), times)
+            steps += number
+        return Blocks(steps, times)
 
 
 def quartiles(values: List[float]) -> Tuple[float, float, float]:
